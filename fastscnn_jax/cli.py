@@ -1,0 +1,26 @@
+"""Command-line plumbing shared by the entry points: flag parsing that reports bad config keys plainly."""
+
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for `app.run(..., flags_parser=parse_flags)`.
+
+    A missing config file, or a misspelt or mistyped `--config.KEY=VALUE` override, makes ml_collections
+    raise deep inside flag parsing or later; this reports it in one message naming the flag and exits 1.
+    """
+    try:
+        remaining = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # a config file that failed to load only says so when used
+        return remaining
+    except OSError as e:
+        sys.exit(f"error: --config: {e}")
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --help for the flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        sys.exit(f"error: bad config override {' '.join(bad) or ''}: {message}")

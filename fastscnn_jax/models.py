@@ -1,0 +1,353 @@
+"""Fast-SCNN (Poudel, Liwicki, Cipolla 2019) as Flax linen modules.
+
+One module per block of the paper: learning-to-downsample, global feature extractor (inverted-residual
+bottlenecks and a pyramid pooling module), feature fusion, classifier, and an optional auxiliary head.
+The modules know nothing of configs or losses; `train.create_model` builds them from a config.
+
+Resizing and adaptive pooling are written as matrix products with interpolation / pooling matrices that are
+computed with numpy from the static shapes at trace time. Unlike `jax.image.resize`, this form lowers to plain
+dot products, which the TFLite and ONNX converters accept, and it works for any input size.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+# ImageNet statistics in 0..255 units: the network takes raw RGB and normalises inside the graph, so that
+# exported models can be fed decoded photos directly.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+DEPTHWISE_IMPLS = ("auto", "shifted", "lax")
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out_size, in_size] bilinear weights, half-pixel centres (PyTorch `align_corners=False`)."""
+    scale = in_size / out_size
+    src = np.clip((np.arange(out_size) + 0.5) * scale - 0.5, 0.0, in_size - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = (src - lo).astype(np.float32)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    return matrix
+
+
+def pooling_matrix(bins: int, in_size: int) -> np.ndarray:
+    """[bins, in_size] averaging weights of adaptive average pooling (PyTorch's bin edges)."""
+    matrix = np.zeros((bins, in_size), np.float32)
+    for i in range(bins):
+        start = (i * in_size) // bins
+        end = -((-(i + 1) * in_size) // bins)  # ceil
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def _separable_apply(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+    """Applies a [H', H] matrix along height and a [W', W] matrix along width of NHWC `x`."""
+    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, x.dtype), x)
+    return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, x.dtype), x)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of NHWC `x` to `size` (height, width)."""
+    height, width = size
+    if (height, width) == x.shape[1:3]:
+        return x
+    return _separable_apply(
+        x, interpolation_matrix(height, x.shape[1]), interpolation_matrix(width, x.shape[2])
+    )
+
+
+def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+    """Adaptive average pooling of NHWC `x` to `bins` x `bins`."""
+    return _separable_apply(x, pooling_matrix(bins, x.shape[1]), pooling_matrix(bins, x.shape[2]))
+
+
+def depthwise_conv3x3_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """3x3 depthwise conv, padding 1, as nine shifted multiply-adds (fast on XLA:CPU)."""
+    batch, height, width, channels = x.shape
+    out_h = (height - 1) // stride + 1
+    out_w = (width - 1) // stride + 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            patch = lax.slice(
+                padded,
+                (0, dy, dx, 0),
+                (batch, dy + stride * (out_h - 1) + 1, dx + stride * (out_w - 1) + 1, channels),
+                (1, stride, stride, 1),
+            )
+            term = patch * kernel[dy, dx]
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_conv3x3_lax(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """3x3 depthwise conv, padding 1, as a grouped `lax` convolution (fast with cuDNN / on TPU)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel[:, :, None, :],
+        window_strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """'auto' picks the shifted form on CPU (XLA:CPU grouped convs are slow), `lax` elsewhere."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise convolution with padding 1 and no bias."""
+
+    stride: int = 1
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Convolves each channel of NHWC `x` with its own 3x3 kernel."""
+        kernel = self.param("kernel", _conv_init, (3, 3, x.shape[-1]), jnp.float32)
+        kernel = kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
+        if resolve_depthwise_impl(self.impl) == "shifted":
+            return depthwise_conv3x3_shifted(x, kernel, self.stride)
+        return depthwise_conv3x3_lax(x, kernel, self.stride)
+
+
+class ConvBN(nn.Module):
+    """Convolution (or 3x3 depthwise convolution) + BatchNorm + optional ReLU."""
+
+    features: int | None = None  # None: depthwise, keeps the channel count
+    kernel_size: int = 1
+    stride: int = 1
+    relu: bool = True
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Applies conv, BN (batch statistics when training) and ReLU."""
+        if self.features is None:
+            x = DepthwiseConv3x3(self.stride, self.depthwise_impl, self.dtype)(x)
+        else:
+            pad = self.kernel_size // 2
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                strides=self.stride,
+                padding=((pad, pad), (pad, pad)),
+                use_bias=False,
+                kernel_init=_conv_init,
+                dtype=self.dtype,
+            )(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+        return nn.relu(x) if self.relu else x
+
+
+class DSConv(nn.Module):
+    """Depthwise-separable convolution: 3x3 depthwise BN ReLU, then 1x1 BN ReLU."""
+
+    features: int
+    stride: int = 1
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Applies the two convolutions."""
+        x = ConvBN(None, 3, self.stride, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(x, train)
+        return ConvBN(self.features, 1, dtype=self.dtype)(x, train)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 bottleneck: 1x1 expand, 3x3 depthwise, linear 1x1 project, residual at stride 1."""
+
+    features: int
+    stride: int
+    expansion: int = 6
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Applies the bottleneck."""
+        y = ConvBN(x.shape[-1] * self.expansion, 1, dtype=self.dtype)(x, train)
+        y = ConvBN(None, 3, self.stride, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(y, train)
+        y = ConvBN(self.features, 1, relu=False, dtype=self.dtype)(y, train)
+        if self.stride == 1 and x.shape[-1] == self.features:
+            y = y + x.astype(y.dtype)
+        return y
+
+
+class PyramidPooling(nn.Module):
+    """Pyramid pooling module: pooled context at several bin counts, upsampled and concatenated."""
+
+    features: int
+    bins: Sequence[int] = (1, 2, 3, 6)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Concatenates `x` with its upsampled pooled branches and fuses them with a 1x1 conv."""
+        size = x.shape[1:3]
+        branches = [x]
+        for bins in self.bins:
+            y = adaptive_avg_pool(x, bins)
+            y = ConvBN(x.shape[-1] // 4, 1, dtype=self.dtype)(y, train)
+            branches.append(resize_bilinear(y, size))
+        return ConvBN(self.features, 1, dtype=self.dtype)(jnp.concatenate(branches, -1), train)
+
+
+class LearningToDownsample(nn.Module):
+    """Conv 3x3 stride 2, then two stride-2 DSConvs: 1/8 resolution."""
+
+    channels: Sequence[int] = (32, 48, 64)
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Returns the 1/8-resolution features shared by both branches."""
+        x = ConvBN(self.channels[0], 3, 2, dtype=self.dtype)(x, train)
+        x = DSConv(self.channels[1], 2, self.depthwise_impl, self.dtype)(x, train)
+        return DSConv(self.channels[2], 2, self.depthwise_impl, self.dtype)(x, train)
+
+
+class GlobalFeatureExtractor(nn.Module):
+    """Three stages of inverted residuals (strides 2, 2, 1), then pyramid pooling: 1/32 resolution."""
+
+    channels: Sequence[int] = (64, 96, 128)
+    strides: Sequence[int] = (2, 2, 1)
+    num_blocks: int = 3
+    expansion: int = 6
+    out_features: int = 128
+    ppm_bins: Sequence[int] = (1, 2, 3, 6)
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Returns the low-resolution context features."""
+        for features, stride in zip(self.channels, self.strides, strict=True):
+            for i in range(self.num_blocks):
+                x = InvertedResidual(
+                    features, stride if i == 0 else 1, self.expansion, self.depthwise_impl, self.dtype
+                )(x, train)
+        return PyramidPooling(self.out_features, self.ppm_bins, self.dtype)(x, train)
+
+
+class FeatureFusion(nn.Module):
+    """Upsampled low-res branch (depthwise 3x3 + 1x1) plus 1x1 of the high-res branch, then ReLU."""
+
+    features: int = 128
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, high: jax.Array, low: jax.Array, train: bool) -> jax.Array:
+        """Fuses the 1/8 (`high`) and 1/32 (`low`) branches at 1/8 resolution."""
+        low = resize_bilinear(low, high.shape[1:3])
+        low = ConvBN(None, 3, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(low, train)
+        low = ConvBN(self.features, 1, relu=False, dtype=self.dtype)(low, train)
+        high = ConvBN(self.features, 1, relu=False, dtype=self.dtype)(high, train)
+        return nn.relu(high + low)
+
+
+class Classifier(nn.Module):
+    """Two DSConvs, dropout and a 1x1 convolution to class logits."""
+
+    num_classes: int
+    features: int = 128
+    dropout_rate: float = 0.1
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Returns logits at the input resolution of this head."""
+        x = DSConv(self.features, 1, self.depthwise_impl, self.dtype)(x, train)
+        x = DSConv(self.features, 1, self.depthwise_impl, self.dtype)(x, train)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+
+
+class AuxHead(nn.Module):
+    """Auxiliary head on the learning-to-downsample output (training only)."""
+
+    num_classes: int
+    features: int = 32
+    dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Returns auxiliary logits at 1/8 resolution."""
+        x = ConvBN(self.features, 3, dtype=self.dtype)(x, train)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+
+
+class FastSCNN(nn.Module):
+    """Fast-SCNN. Takes raw RGB (0..255, any dtype, any size) NHWC; returns float32 logits at input size.
+
+    With `aux_head` and `train=True`, the auxiliary logits (also at input size) are sown into the
+    `intermediates` collection under `aux_logits`.
+    """
+
+    num_classes: int
+    width: float = 1.0  # channel multiplier; 1.0 is the paper's network
+    dropout_rate: float = 0.1
+    aux_head: bool = False
+    depthwise_impl: str = "auto"
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    def _ch(self, channels: int) -> int:
+        """Scales a channel count by `width` (at least 8)."""
+        return max(8, int(round(channels * self.width)))
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Returns [B, H, W, num_classes] logits."""
+        size = images.shape[1:3]
+        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = x.astype(self.dtype)
+        impl = self.depthwise_impl
+        high = LearningToDownsample(
+            tuple(self._ch(c) for c in (32, 48, 64)), impl, self.dtype, name="learning_to_downsample"
+        )(x, train)
+        low = GlobalFeatureExtractor(
+            tuple(self._ch(c) for c in (64, 96, 128)),
+            out_features=self._ch(128),
+            depthwise_impl=impl,
+            dtype=self.dtype,
+            name="global_feature_extractor",
+        )(high, train)
+        fused = FeatureFusion(self._ch(128), impl, self.dtype, name="feature_fusion")(high, low, train)
+        logits = Classifier(
+            self.num_classes, self._ch(128), self.dropout_rate, impl, self.dtype, name="classifier"
+        )(fused, train)
+        if self.aux_head and train:
+            aux = AuxHead(self.num_classes, self._ch(32), self.dropout_rate, self.dtype, name="aux_head")(
+                high, train
+            )
+            self.sow("intermediates", "aux_logits", resize_bilinear(aux, size).astype(jnp.float32))
+        return resize_bilinear(logits, size).astype(jnp.float32)

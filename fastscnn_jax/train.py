@@ -1,0 +1,446 @@
+"""Training and evaluation: factories, loss, pure train/eval steps jit-compiled over a device mesh, the loop.
+
+Data parallel: the batch is sharded over a one-axis `Mesh` of every device, parameters are replicated, and
+`jax.jit` partitions the step. BatchNorm therefore normalises with the statistics of the global batch.
+"""
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fastscnn_jax import camvid, checkpointing, input_pipeline, metrics, models
+
+CLASS_WEIGHTINGS = ("none", "enet", "median_frequency")
+
+
+class TrainState(train_state.TrainState):
+    """TrainState with BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict:
+    """The config values that fix parameter shapes: a workdir made with others cannot be resumed."""
+    return {"num_classes": config.num_classes, "width": config.model.width, "aux_head": config.model.aux_head}
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.FastSCNN:
+    """Fast-SCNN as the config describes it."""
+    return models.FastSCNN(
+        num_classes=config.num_classes,
+        width=config.model.width,
+        dropout_rate=config.model.dropout_rate,
+        aux_head=config.model.aux_head,
+        depthwise_impl=config.model.depthwise_impl,
+        dtype=jnp.dtype(config.model.dtype),
+    )
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
+    """One-cycle schedule: linear warm-up for `warmup_pct` of the steps, then cosine decay."""
+    warmup_steps = int(config.warmup_pct * num_train_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.learning_rate * config.initial_lr_fraction,
+        peak_value=config.learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(num_train_steps, warmup_steps + 1),
+        end_value=config.learning_rate * config.final_lr_fraction,
+    )
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+    """Global-norm clipping then AdamW; weight decay on convolution kernels only, not on BN or biases."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(
+            learning_rate_fn,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+        ),
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: models.FastSCNN, rng: jax.Array, optimizer
+) -> TrainState:
+    """Initial parameters (every head, auxiliary included), BN statistics and optimizer state."""
+    params_rng, dropout_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *config.crop_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=True))(
+        {"params": params_rng, "dropout": dropout_rng}, dummy
+    )
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optimizer
+    )
+
+
+def class_weights(pixel_counts: np.ndarray, method: str) -> np.ndarray | None:
+    """Per-class loss weights from train pixel counts.
+
+    `enet`: 1 / ln(1.02 + frequency) (Paszke et al. 2016); `median_frequency`: median(freq) / freq
+    (Eigen & Fergus 2015); `none`: no weighting. Classes with no pixels get weight 0.
+    """
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"config.class_weighting must be one of {CLASS_WEIGHTINGS}, got {method!r}")
+    if method == "none":
+        return None
+    freq = pixel_counts / max(pixel_counts.sum(), 1)
+    with np.errstate(divide="ignore"):
+        if method == "enet":
+            weights = 1.0 / np.log(1.02 + freq)
+        else:
+            weights = np.median(freq[freq > 0]) / freq
+    return np.where(freq > 0, weights, 0.0).astype(np.float32)
+
+
+def segmentation_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_label: int,
+    weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    ohem_threshold: float = 0.0,
+    ohem_min_kept: int = 0,
+) -> jax.Array:
+    """Cross-entropy over non-void pixels, optionally class-weighted, label-smoothed and OHEM-filtered.
+
+    Args:
+      logits: [..., K] float logits.
+      labels: [...] integer labels; `ignore_label` (and any value outside 0..K-1) is void.
+      ignore_label: the void label.
+      weights: optional [K] class weights; the loss is their weighted mean (PyTorch's convention).
+      label_smoothing: mass spread uniformly over the K classes.
+      ohem_threshold: when > 0, only pixels whose true-class probability is below it count (OHEM).
+      ohem_min_kept: with OHEM, at least this many of the hardest valid pixels always count.
+
+    Returns:
+      scalar loss.
+    """
+    num_classes = logits.shape[-1]
+    valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+    # One-hot products instead of gathers: the gather's gradient is a scatter, slow on XLA:CPU.
+    onehot = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    target = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+    ce = -jnp.sum(target * log_probs, axis=-1)
+    pixel_weight = valid.astype(jnp.float32)
+    if weights is not None:
+        pixel_weight = pixel_weight * (onehot @ weights)
+    if ohem_threshold > 0:
+        true_prob = jax.lax.stop_gradient(jnp.exp(jnp.sum(onehot * log_probs, axis=-1)))
+        threshold = jnp.float32(ohem_threshold)
+        if ohem_min_kept > 0:
+            flat = jnp.where(valid, true_prob, jnp.inf).reshape(-1)
+            k = min(ohem_min_kept, flat.size)
+            kth_smallest = -jax.lax.top_k(-flat, k)[0][-1]
+            threshold = jnp.maximum(threshold, jnp.where(jnp.isfinite(kth_smallest), kth_smallest, 0.0))
+        pixel_weight = pixel_weight * (true_prob <= threshold)
+    return jnp.sum(pixel_weight * ce) / jnp.maximum(jnp.sum(pixel_weight), 1e-6)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    weights: jax.Array | None,
+    dropout_rng: jax.Array,
+) -> tuple[TrainState, metrics.TrainMetrics]:
+    """One optimizer step on a (global) batch; returns the new state and the step's metrics."""
+    step_rng = jax.random.fold_in(dropout_rng, state.step)
+    loss_kwargs = dict(
+        ignore_label=config.ignore_label,
+        weights=weights,
+        label_smoothing=config.label_smoothing,
+        ohem_threshold=config.ohem_threshold,
+        ohem_min_kept=config.ohem_min_kept,
+    )
+
+    def loss_fn(params):
+        """Total loss, with the main logits and new BN statistics as auxiliaries."""
+        logits, mutated = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": step_rng},
+            mutable=["batch_stats", "intermediates"],
+        )
+        loss = segmentation_loss(logits, batch["label"], **loss_kwargs)
+        if config.model.aux_head and config.aux_loss_weight > 0:
+            (aux_logits,) = mutated["intermediates"]["aux_logits"]
+            loss = loss + config.aux_loss_weight * segmentation_loss(
+                aux_logits, batch["label"], **loss_kwargs
+            )
+        return loss, (logits, mutated["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    step_metrics = metrics.TrainMetrics.single_from_model_output(
+        loss=loss, logits=logits, label=batch["label"], valid=batch["label"] != config.ignore_label
+    )
+    return state, step_metrics
+
+
+def eval_step(
+    variables: dict, batch: dict[str, jax.Array], *, model: models.FastSCNN, ignore_label: int
+) -> metrics.EvalMetrics:
+    """Confusion matrix of one batch; padding examples (`mask` False) and void pixels are left out."""
+    logits = model.apply(variables, batch["image"], train=False)
+    valid = (batch["label"] != ignore_label) & batch["mask"][:, None, None]
+    return metrics.EvalMetrics.single_from_model_output(logits=logits, label=batch["label"], valid=valid)
+
+
+def create_mesh() -> Mesh:
+    """One-axis mesh over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles global arrays, sharded on the batch axis, from this process's part of the batch."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def make_eval_step(model: models.FastSCNN, config: ml_collections.ConfigDict, mesh: Mesh):
+    """`eval_step` jit-compiled for the mesh (variables replicated, batch sharded)."""
+    return jax.jit(
+        functools.partial(eval_step, model=model, ignore_label=config.ignore_label),
+        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def evaluate(
+    eval_step_fn, variables: dict, builder, split: str, config, mesh: Mesh
+) -> tuple[dict, np.ndarray]:
+    """Scores of `variables` on a whole split at full resolution.
+
+    Returns:
+      (scores dict as `metrics.segmentation_scores` gives it, confusion matrix).
+    """
+    local_batch = config.eval_batch_size // jax.process_count()
+    total = None
+    for batch in input_pipeline.eval_batches(
+        builder, split, local_batch, jax.process_index(), jax.process_count()
+    ):
+        step_metrics = eval_step_fn(variables, shard_batch(batch, mesh))
+        total = step_metrics if total is None else total.merge(step_metrics)
+    matrix = total.compute()["confusion"]
+    return metrics.segmentation_scores(matrix, camvid.CLASS_NAMES[: config.num_classes]), matrix
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the config key for values that cannot work."""
+    num_devices = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        if value <= 0 or value % num_devices:
+            raise ValueError(
+                f"config.{key}={value} must be a positive multiple of the number of devices ({num_devices})"
+            )
+    if config.learning_rate <= 0:
+        raise ValueError(f"config.learning_rate={config.learning_rate} must be > 0")
+    if config.num_classes != camvid.NUM_CLASSES:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} does not match CamVid's {camvid.NUM_CLASSES} classes"
+        )
+    if config.ignore_label != camvid.IGNORE_LABEL:
+        raise ValueError(f"config.ignore_label={config.ignore_label} must be CamVid's {camvid.IGNORE_LABEL}")
+    if len(config.crop_size) != 2 or min(config.crop_size) < 1:
+        raise ValueError(f"config.crop_size={tuple(config.crop_size)} must be (height, width), both >= 1")
+    if not 0 < config.min_scale <= config.max_scale:
+        raise ValueError(
+            f"config.min_scale/max_scale={config.min_scale}/{config.max_scale}: need 0 < min <= max"
+        )
+    models.resolve_depthwise_impl(config.model.depthwise_impl)
+    class_weights(np.ones(1), config.class_weighting)
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ValueError when a workdir's checkpoints were made with other parameter shapes."""
+    current = model_signature(config)
+    differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints of an incompatible model ({detail}); "
+            "use a new --workdir or the matching config"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Flat {'a.b': value} view of a nested config dict, values as TensorBoard hparams accept them."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, evaluating and checkpointing periodically; resumes from `workdir` when it has checkpoints.
+
+    Args:
+      config: hyperparameters (see configs/camvid.py).
+      workdir: checkpoints, TensorBoard events and `eval_<split>.json` go here.
+
+    Returns:
+      scores of the best evaluation (`metrics.segmentation_scores` plus `step`).
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = create_mesh()
+    replicated = NamedSharding(mesh, P())
+    is_chief = jax.process_index() == 0
+
+    builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
+    train_split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    steps_per_epoch = max(len(train_split) // config.batch_size, 1)
+    num_train_steps = (
+        config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+    )
+    weights = class_weights(train_split.class_pixel_counts(config.num_classes), config.class_weighting)
+    logging.info(
+        "Train: %d examples, %d steps (%d per epoch); class weights %s",
+        len(train_split),
+        num_train_steps,
+        steps_per_epoch,
+        weights,
+    )
+
+    model = create_model(config)
+    learning_rate_fn = create_learning_rate_fn(config, num_train_steps)
+    rng = jax.random.key(config.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+    state = create_train_state(config, model, init_rng, create_optimizer(config, learning_rate_fn))
+    if is_chief:
+        parameter_overview.log_parameter_overview(state.params)
+    state = jax.device_put(state, replicated)
+
+    checkpoints = checkpointing.Checkpoints(workdir, config.checkpoints_to_keep)
+    meta = {"step": 0, "best_miou": -1.0, "evals_since_best": 0, "model": model_signature(config)}
+    if checkpoints.latest_step() is not None:
+        check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
+        state, meta = checkpoints.restore_state(state)
+        logging.info("Resuming from step %d (checkpoint in %s)", int(state.step), workdir)
+    start_step = int(state.step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    if start_step == 0:
+        writer.write_hparams(_flatten(config.to_dict()))
+
+    p_train_step = jax.jit(
+        functools.partial(
+            train_step,
+            config=config,
+            weights=None if weights is None else jnp.asarray(weights),
+            dropout_rng=dropout_rng,
+        ),
+        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    p_eval_step = make_eval_step(model, config, mesh)
+    local_batch = config.batch_size // jax.process_count()
+    train_iter = input_pipeline.train_dataset(
+        train_split,
+        config,
+        local_batch_size=local_batch,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ).as_numpy_iterator()
+
+    report_progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
+    train_metrics = None
+    best_scores = None
+    logging.info("Training from step %d to %d.", start_step, num_train_steps)
+    for step in range(start_step + 1, num_train_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, step_metrics = p_train_step(state, shard_batch(next(train_iter), mesh))
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+        report_progress(step)
+        is_last = step == num_train_steps
+
+        if step % config.log_every_steps == 0 or is_last:
+            computed = train_metrics.compute()
+            loss = float(computed["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"train loss is {loss} at step {step}; stopping. The last good checkpoint "
+                    f"(step {checkpoints.latest_step()}) in {workdir} is kept."
+                )
+            scores = metrics.segmentation_scores(
+                computed["confusion"], camvid.CLASS_NAMES[: config.num_classes]
+            )
+            writer.write_scalars(
+                step,
+                {
+                    "train_loss": loss,
+                    "train_miou": scores["miou"],
+                    "train_pixel_accuracy": scores["pixel_accuracy"],
+                    "learning_rate": float(learning_rate_fn(step - 1)),
+                },
+            )
+            train_metrics = None
+
+        stop = False
+        if step % config.eval_every_steps == 0 or is_last:
+            with report_progress.timed("eval"):
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                scores, _ = evaluate(p_eval_step, variables, builder, config.eval_split, config, mesh)
+            split = config.eval_split
+            writer.write_scalars(
+                step,
+                {
+                    f"{split}_miou": scores["miou"],
+                    f"{split}_pixel_accuracy": scores["pixel_accuracy"],
+                    f"{split}_mean_dice": scores["mean_dice"],
+                    **{f"{split}_iou/{k}": v for k, v in scores["per_class_iou"].items()},
+                },
+            )
+            logging.info("Step %d %s:\n%s", step, split, metrics.format_table(scores))
+            if scores["miou"] > meta["best_miou"]:
+                meta.update(best_miou=scores["miou"], evals_since_best=0)
+                best_scores = {"step": step, **scores}
+                checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
+                if is_chief:
+                    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+                        json.dump(best_scores, f, indent=2)
+            else:
+                meta["evals_since_best"] += 1
+            patience = config.early_stopping_patience
+            if patience > 0 and meta["evals_since_best"] >= patience:
+                logging.info(
+                    "Early stopping at step %d: no %s mIoU gain in %d evaluations.", step, split, patience
+                )
+                stop = True
+
+        if step % config.checkpoint_every_steps == 0 or is_last or stop:
+            checkpoints.save_state(step, state, {**meta, "step": step})
+        if stop:
+            break
+
+    writer.flush()
+    checkpoints.close()
+    if best_scores is None and os.path.exists(os.path.join(workdir, f"eval_{config.eval_split}.json")):
+        with open(os.path.join(workdir, f"eval_{config.eval_split}.json")) as f:
+            best_scores = json.load(f)
+    return best_scores

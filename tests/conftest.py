@@ -1,0 +1,87 @@
+"""Shared test helpers: a synthetic CamVid folder and the real CamVid prepared once per session."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastscnn_jax import camvid
+
+
+def make_fake_camvid(
+    root: str | pathlib.Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    n: int = 4,
+    size: tuple[int, int] = (24, 32),
+    seed: int = 0,
+    with_list_files: bool = True,
+) -> pathlib.Path:
+    """Writes a small synthetic CamVid folder like the SegNet one.
+
+    Args:
+      root: folder to create (parents too).
+      splits: splits to write, each with `<split>/`, `<split>annot/` and maybe `<split>.txt`.
+      n: pairs per split.
+      size: (height, width) of every image.
+      seed: seed of the random RGB images.
+      with_list_files: write `<split>.txt` with the SegNet `/SegNet/CamVid/` prefix.
+
+    Returns:
+      `root` as a Path.
+    """
+    root = pathlib.Path(root)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    rows, cols = np.mgrid[:h, :w]
+    for split in splits:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        lines = []
+        # Reverse order, so list-file order differs from sorted file-name order.
+        for i in reversed(range(n)):
+            name = f"0001TP_{split}{i:04d}.png"
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            # 4x4 blocks shifted per example: all 12 values (void included), misalignment shows.
+            mask = ((rows // 4) + 3 * (cols // 4) + i) % (camvid.IGNORE_LABEL + 1)
+            Image.fromarray(image).save(root / split / name)
+            Image.fromarray(mask.astype(np.uint8)).save(root / f"{split}annot" / name)
+            lines.append(f"/SegNet/CamVid/{split}/{name} /SegNet/CamVid/{split}annot/{name}\n")
+        if with_list_files:
+            (root / f"{split}.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def fake_camvid_factory(tmp_path):
+    """make_fake_camvid writing under this test's tmp_path: factory(name='camvid', **kwargs)."""
+
+    def factory(name: str = "camvid", **kwargs) -> pathlib.Path:
+        """Writes a synthetic CamVid folder `tmp_path / name`."""
+        return make_fake_camvid(tmp_path / name, **kwargs)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def real_camvid_dir() -> pathlib.Path:
+    """The real CamVid folder ../shared/camvid next to the repository."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "camvid"
+    assert (path / "train").is_dir() and (path / "trainannot").is_dir(), (
+        f"real CamVid folder missing: expected train/ and trainannot/ in {path}"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_tfds_dir(tmp_path_factory) -> pathlib.Path:
+    """The TFDS data_dir holding the real CamVid prepared for this session (see real_camvid_builder)."""
+    return tmp_path_factory.mktemp("tfds_real")
+
+
+@pytest.fixture(scope="session")
+def real_camvid_builder(real_camvid_dir, real_tfds_dir) -> camvid.CamVid:
+    """The real CamVid prepared once per test session into a temporary TFDS data_dir."""
+    return camvid.get_builder(str(real_camvid_dir), data_dir=str(real_tfds_dir))

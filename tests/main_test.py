@@ -1,0 +1,171 @@
+"""End-to-end tests of the command-line entry points on real CamVid: train, kill -9 and resume, evaluate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from fastscnn_jax import camvid, checkpointing, evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def _command(module, *args, data_flags):
+    """argv for `python -m fastscnn_jax.<module>` with the tiny config and the test's dataset."""
+    return [sys.executable, "-m", f"fastscnn_jax.{module}", f"--config={TINY}", *data_flags, *args]
+
+
+def _env():
+    """Environment with the repository importable from any working directory."""
+    return {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="module")
+def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir):
+    """Config overrides pointing at the real CamVid, prepared once for the session."""
+    return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_flags):
+    """An uninterrupted tiny run, started with no --workdir from an empty directory."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    result = subprocess.run(
+        _command("main", data_flags=data_flags),
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return cwd / "runs" / "tiny", result
+
+
+def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):
+    """The run prints its default workdir and leaves checkpoints, TensorBoard events and eval_val.json."""
+    workdir, result = trained
+    assert f"workdir: {workdir}" in result.stdout
+    config = tiny.get_config()
+    assert (workdir / "checkpoints" / str(config.num_train_steps) / "state").is_dir()
+    assert (workdir / "best" / str(config.num_train_steps) / "variables").is_dir()
+    assert list(workdir.glob("events.out.tfevents.*"))
+    scores = json.loads((workdir / "eval_val.json").read_text())
+    assert set(scores["per_class_iou"]) == set(camvid.CLASS_NAMES)
+    assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1
+    assert "parameter" in result.stderr.lower() or "Total" in result.stderr  # parameter overview logged
+
+
+def test_kill_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, data_flags):
+    """kill -9 after the first checkpoint, run the same command again: bit-equal final parameters."""
+    workdir = tmp_path / "run"
+    command = _command("main", f"--workdir={workdir}", data_flags=data_flags)
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").is_dir():
+        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    final = str(tiny.get_config().num_train_steps)
+    assert not (workdir / "checkpoints" / final).exists(), "the run finished before it was killed"
+
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Resuming from step" in result.stderr
+    resumed, _ = checkpointing.load_variables(str(workdir / "checkpoints" / final))
+    reference, _ = checkpointing.load_variables(str(trained[0] / "checkpoints" / final))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_cli_reproduces_the_training_evaluation(trained, tmp_path, data_flags):
+    """`evaluate` on the workdir's best checkpoint gives the scores training recorded, and prints a table."""
+    workdir, _ = trained
+    output = tmp_path / "eval.json"
+    result = subprocess.run(
+        _command(
+            "evaluate", f"--workdir={workdir}", f"--output={output}", "--split=val", data_flags=data_flags
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(output.read_text())
+    recorded = json.loads((workdir / "eval_val.json").read_text())
+    assert got["miou"] == pytest.approx(recorded["miou"], abs=1e-6)
+    assert got["pixel_accuracy"] == pytest.approx(recorded["pixel_accuracy"], abs=1e-6)
+    assert np.asarray(got["confusion_matrix"]).sum() > 0.9 * 101 * 360 * 480
+    assert "Bicyclist" in result.stdout and "miou" in result.stdout
+
+
+def test_evaluate_missing_split_names_it(trained, real_camvid_dir, real_tfds_dir):
+    """Asking for a split the local copy lacks is a DatasetError naming it."""
+    config = tiny.get_config()
+    config.dataset_dir = str(real_camvid_dir)
+    config.tfds_data_dir = str(real_tfds_dir)
+    with pytest.raises(camvid.DatasetError, match='split "test"'):
+        evaluate.evaluate_checkpoint(config, str(trained[0]), "test")
+
+
+def test_incompatible_workdir_is_a_clear_error(trained, data_flags):
+    """Resuming a workdir with another model width fails with a message naming the difference."""
+    result = subprocess.run(
+        _command("main", f"--workdir={trained[0]}", "--config.model.width=0.5", data_flags=data_flags),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "incompatible model" in result.stderr and "width" in result.stderr
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    """A misspelt override fails before training, naming the key."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastscnn_jax.main",
+            f"--config={TINY}",
+            "--config.bacth_size=4",
+            f"--workdir={tmp_path}",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "bacth_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    """A config path that does not exist fails at start with one message naming it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastscnn_jax.main",
+            "--config=configs/nonexistent.py",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "configs/nonexistent.py" in result.stderr and "Traceback" not in result.stderr
