@@ -5,16 +5,25 @@ and deletes the latest, which breaks resume:
   `WORKDIR/checkpoints/<step>/{state,meta}`: full TrainState (optimizer included), the last `max_to_keep`.
   `WORKDIR/best/<step>/{variables,meta}`: params and batch_stats only, of the best evaluation so far.
 `meta` is JSON (step, scores, model settings); nothing is pickled.
+Released weights (`fastscnn_jax/weights/*.msgpack`) are one msgpack file of params, batch_stats and meta.
 """
 
+import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import serialization
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+# The CamVid weights shipped with the package (see MODEL_CARD.md).
+DEFAULT_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "weights", "fastscnn_camvid.msgpack"
+)
 
 
 def _manager(directory: epath.Path, items: tuple[str, ...], max_to_keep: int) -> ocp.CheckpointManager:
@@ -88,20 +97,22 @@ def load_variables(path: str) -> tuple[dict, dict]:
     """Inference variables and metadata from a workdir or a checkpoint step folder.
 
     Args:
-      path: a workdir (its best checkpoint, else its latest training state), or a step folder that holds
-        `variables/` (a best checkpoint, or the shipped weights) or `state/`.
+      path: a weights file (`.msgpack`, as shipped), a workdir (its best checkpoint, else its latest
+        training state), a `best/` or `checkpoints/` folder (its newest step), or a step folder that holds
+        `variables/` (a best checkpoint) or `state/`.
 
     Returns:
       (variables with `params` and `batch_stats` as numpy arrays, meta dict).
     """
-    root = epath.Path(path)
+    root = epath.Path(os.path.abspath(path))
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    for sub in (BEST_DIR, LATEST_DIR):
-        if (root / sub).is_dir():
-            steps = ocp.utils.checkpoint_steps(root / sub)
-            if steps:
-                return load_variables(os.fspath(root / sub / str(max(steps))))
+    if root.is_file():
+        return _load_weights_file(path)
+    for manager_dir in (root / BEST_DIR, root / LATEST_DIR, root):
+        steps = ocp.utils.checkpoint_steps(manager_dir) if manager_dir.is_dir() else []
+        if steps:
+            return load_variables(os.fspath(manager_dir / str(max(steps))))
     for item in ("variables", "state"):
         if (root / item).is_dir():
             tree = _restore_item(root / item, ocp.StandardCheckpointHandler(), ocp.args.StandardRestore())
@@ -114,3 +125,23 @@ def load_variables(path: str) -> tuple[dict, dict]:
         f"no checkpoint found in {path}: expected a workdir with {BEST_DIR}/ or {LATEST_DIR}/, "
         "or a step folder with variables/ or state/"
     )
+
+
+def save_weights_file(path: str, variables: dict, meta: dict) -> None:
+    """Writes inference variables and JSON metadata to one msgpack file (no pickle, no optimizer state)."""
+    tree = {"variables": jax.tree.map(np.asarray, variables), "meta": json.dumps(meta)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(tree))
+
+
+def _load_weights_file(path: str) -> tuple[dict, dict]:
+    """Reads a file written by `save_weights_file`."""
+    with open(path, "rb") as f:
+        try:
+            tree = serialization.msgpack_restore(f.read())
+        except Exception as e:  # msgpack raises several unrelated types on corrupt input
+            raise ValueError(f"{path} is not a fastscnn_jax weights file: {e}") from e
+    if not isinstance(tree, dict) or "variables" not in tree:
+        raise ValueError(f"{path} is not a fastscnn_jax weights file (no 'variables')")
+    return tree["variables"], json.loads(tree.get("meta", "{}"))

@@ -1,11 +1,14 @@
 r"""Evaluates a checkpoint on a CamVid split at full resolution.
 
+  python -m fastscnn_jax.evaluate                      # the shipped weights, on val
   python -m fastscnn_jax.evaluate --config=configs/camvid.py --workdir=runs/camvid --split=val
-  python -m fastscnn_jax.evaluate --config=configs/camvid.py --checkpoint=PATH --split=test --output=x.json
+  python -m fastscnn_jax.evaluate --checkpoint=PATH --split=test --output=x.json
 
-Writes `WORKDIR/eval_<split>.json` (or `--output`) with `miou`, `pixel_accuracy`, `mean_dice`,
-`per_class_iou` and the confusion matrix, and prints a per-class table. The dataset is found through the
-config's `dataset_dir`, as for training, so a full copy with a test split evaluates with `--split=test`.
+Writes `WORKDIR/eval_<split>.json` (or `--output`; `eval_<split>.json` in the current folder for the
+shipped weights) with `miou`, `pixel_accuracy`, `mean_dice`, `per_class_iou` and the confusion matrix, a
+row-normalised confusion-matrix plot beside it (`.png`), and prints a per-class table. The dataset is found
+through the config's `dataset_dir`, as for training, so a full copy with a test split evaluates with
+`--split=test`.
 """
 
 import json
@@ -17,11 +20,6 @@ from ml_collections import config_flags
 from fastscnn_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/camvid.py", "Configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Training workdir: its best checkpoint (else latest) is evaluated.")
-flags.DEFINE_string("checkpoint", None, "A workdir or checkpoint step folder; overrides --workdir.")
-flags.DEFINE_string("split", "val", "Split to evaluate: train, val or test.")
-flags.DEFINE_string("output", None, "JSON output path; default WORKDIR/eval_<split>.json.")
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
@@ -53,6 +51,41 @@ def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
     }
 
 
+def plot_confusion(matrix, class_names, path: str, title: str = "") -> None:
+    """Saves the row-normalised confusion matrix (recall per true class) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.asarray(matrix, np.float64)
+    normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=60, ha="right")
+    ax.set_yticks(ticks, class_names)
+    for i in ticks:
+        for j in ticks:
+            ax.text(
+                j,
+                i,
+                f"{normalised[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if normalised[i, j] > 0.5 else "black",
+            )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv):
     """Evaluates and writes the JSON report."""
     if len(argv) > 1:
@@ -63,16 +96,38 @@ def main(argv):
     from fastscnn_jax import metrics
 
     tf.config.set_visible_devices([], "GPU")
-    checkpoint = FLAGS.checkpoint or FLAGS.workdir
-    if not checkpoint:
-        raise app.UsageError("give --workdir or --checkpoint")
+    from fastscnn_jax import camvid, checkpointing
+
+    checkpoint = FLAGS.checkpoint or FLAGS.workdir or checkpointing.DEFAULT_WEIGHTS
+    if not os.path.exists(checkpoint):
+        raise app.UsageError(f"checkpoint {checkpoint} does not exist")
     output = FLAGS.output or os.path.join(FLAGS.workdir or ".", f"eval_{FLAGS.split}.json")
     result = evaluate_checkpoint(FLAGS.config, checkpoint, FLAGS.split)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"{FLAGS.split} ({checkpoint}):\n{metrics.format_table(result)}\nwrote {output}")
+    plot = os.path.splitext(output)[0] + ".png"
+    title = f"{FLAGS.split}: mIoU {result['miou']:.4f} (rows normalised)"
+    plot_confusion(result["confusion_matrix"], camvid.CLASS_NAMES[: FLAGS.config.num_classes], plot, title)
+    print(f"{FLAGS.split} ({checkpoint}):\n{metrics.format_table(result)}\nwrote {output} and {plot}")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so the module stays importable)."""
+    default_config = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "camvid.py"
+    )
+    config_flags.DEFINE_config_file("config", default_config, "Configuration file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Training workdir: its best checkpoint (else latest) is evaluated.")
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Weights file, workdir or checkpoint step folder; overrides --workdir. Default: the shipped weights.",
+    )
+    flags.DEFINE_string("split", "val", "Split to evaluate: train, val or test.")
+    flags.DEFINE_string("output", None, "JSON output path; default WORKDIR/eval_<split>.json.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -39,7 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_logger().addFilter(_QuietOrbax())
     import jax
     import tensorflow as tf
 

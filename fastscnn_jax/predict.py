@@ -1,0 +1,175 @@
+r"""Segments photos with a trained Fast-SCNN; by default the CamVid weights shipped with the package.
+
+  python -m fastscnn_jax.predict --input=photo.jpg --output=out/
+  python -m fastscnn_jax.predict --input='frames/*.png' --output=out/ --checkpoint=runs/camvid
+
+For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color.png` (CamVid palette) and
+`<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png` once.
+Any size and mode is accepted (RGB, RGBA, grayscale, palette, 16-bit, JPEG with EXIF orientation); files that
+are not images are skipped with a message and the rest are still processed.
+"""
+
+import glob
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from fastscnn_jax import camvid, checkpointing, cli
+
+DEFAULT_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "weights", "fastscnn_camvid.msgpack"
+)
+
+FLAGS = flags.FLAGS
+
+
+def list_inputs(spec: str) -> list[str]:
+    """Files named by `spec`: a file, the files of a folder (sorted, not recursive), or a glob's matches."""
+    if os.path.isdir(spec):
+        return sorted(
+            os.path.join(spec, n) for n in os.listdir(spec) if os.path.isfile(os.path.join(spec, n))
+        )
+    if os.path.isfile(spec):
+        return [spec]
+    matches = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    if not matches:
+        raise FileNotFoundError(f"--input={spec}: no such file or folder, and no file matches it as a glob")
+    return matches
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decodes any image as uint8 RGB [H, W, 3], upright per its EXIF orientation.
+
+    16-bit and 32-bit grayscale are scaled to 8 bits by their type's range; alpha is dropped.
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image, np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or array.max() <= 65535 else array.max()
+            gray = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        return np.asarray(image.convert("RGB"))
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """CamVid palette colours [H, W, 3] of a class-index mask."""
+    return camvid.PALETTE[np.minimum(mask, len(camvid.PALETTE) - 1)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """The photo with the mask's colours blended in at `alpha`."""
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(mask).astype(np.float32)
+    return np.round(blended).astype(np.uint8)
+
+
+def legend(num_classes: int) -> Image.Image:
+    """A swatch and name per class."""
+    row = 22
+    image = Image.new("RGB", (190, row * num_classes + 8), "white")
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(camvid.CLASS_NAMES[:num_classes]):
+        y = 4 + i * row
+        draw.rectangle(
+            [6, y, 36, y + row - 6], fill=tuple(int(c) for c in camvid.PALETTE[i]), outline="black"
+        )
+        draw.text((46, y + 2), f"{i:2d} {name}", fill="black")
+    return image
+
+
+class Segmenter:
+    """A model and its variables, with a jit-compiled image -> class-mask function."""
+
+    def __init__(self, checkpoint: str):
+        """Loads the weights and builds the model they were trained as."""
+        import jax
+        import jax.numpy as jnp
+
+        from fastscnn_jax import models
+
+        self.variables, meta = checkpointing.load_variables(checkpoint)
+        settings = meta.get("model")
+        if not settings:
+            raise ValueError(f"{checkpoint} has no model settings in its metadata; cannot build the model")
+        self.num_classes = settings["num_classes"]
+        model = models.FastSCNN(num_classes=self.num_classes, width=settings["width"])
+        self._classes = jax.jit(
+            lambda variables, images: jnp.argmax(model.apply(variables, images, train=False), -1).astype(
+                jnp.uint8
+            )
+        )
+
+    def __call__(self, image: np.ndarray, max_side: int) -> np.ndarray:
+        """Class-index mask [H, W] uint8 of an RGB image, at the image's size."""
+        height, width = image.shape[:2]
+        scale = min(1.0, max_side / max(height, width))
+        small = image
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        mask = np.asarray(self._classes(self.variables, small[None]))[0]
+        if scale < 1.0:
+            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+        return mask
+
+
+def predict_files(
+    paths: list[str], output: str, segmenter: Segmenter, max_side: int, alpha: float
+) -> list[str]:
+    """Segments each file into `output`; returns the files that were skipped, with why."""
+    os.makedirs(output, exist_ok=True)
+    legend(segmenter.num_classes).save(os.path.join(output, "legend.png"))
+    skipped = []
+    for path in paths:
+        try:
+            image = load_rgb(path)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            skipped.append(f"{path}: not a readable image ({e})")
+            print(f"skipped {skipped[-1]}", file=sys.stderr)
+            continue
+        mask = segmenter(image, max_side)
+        stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
+        Image.fromarray(mask).save(f"{stem}_mask.png")
+        Image.fromarray(colorize(mask)).save(f"{stem}_color.png")
+        Image.fromarray(overlay(image, mask, alpha)).save(f"{stem}_overlay.png")
+        print(f"{path} -> {stem}_{{mask,color,overlay}}.png")
+    return skipped
+
+
+def main(argv):
+    """Runs prediction over the inputs."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError("--input and --output are required")
+    try:
+        paths = list_inputs(FLAGS.input)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    if not os.path.exists(FLAGS.checkpoint):
+        raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
+    skipped = predict_files(paths, FLAGS.output, Segmenter(FLAGS.checkpoint), FLAGS.max_side, FLAGS.alpha)
+    print(f"{len(paths) - len(skipped)} image(s) segmented into {FLAGS.output}, {len(skipped)} skipped")
+    if len(skipped) == len(paths):
+        sys.exit(1)
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so the module stays importable)."""
+    flags.DEFINE_string("input", None, "An image file, a folder of images, or a glob pattern.")
+    flags.DEFINE_string("output", None, "Folder for the masks, colour masks and overlays.")
+    flags.DEFINE_string(
+        "checkpoint", checkpointing.DEFAULT_WEIGHTS, "Weights file, workdir or checkpoint step folder."
+    )
+    flags.DEFINE_integer(
+        "max_side", 2048, "Images with a longer side are segmented at this size, then upsampled."
+    )
+    flags.DEFINE_float("alpha", 0.5, "Opacity of the colours in the overlay.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,126 @@
+"""Tests of predict: every image mode, folders and globs, non-images skipped, outputs at the input size."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastscnn_jax import camvid, checkpointing, models, predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A small randomly initialised model saved as a weights file, with its settings in the metadata."""
+    model = models.FastSCNN(num_classes=camvid.NUM_CLASSES, width=0.25)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    path = tmp_path_factory.mktemp("weights") / "tiny.msgpack"
+    meta = {"model": {"num_classes": camvid.NUM_CLASSES, "width": 0.25, "aux_head": False}}
+    checkpointing.save_weights_file(str(path), variables, meta)
+    return str(path), model, variables
+
+
+def _write_images(folder):
+    """One file per supported mode and kind, plus a file that is not an image; returns expected sizes."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 65536, (21, 33), dtype=np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / "tiny.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rng.integers(0, 256, (24, 64, 3), dtype=np.uint8)).save(folder / "rotated.jpg", exif=exif)
+    (folder / "notes.txt").write_text("not an image")
+    return {
+        "rgb": (37, 53),
+        "rgba": (40, 30),
+        "gray": (37, 53),
+        "palette": (37, 53),
+        "gray16": (21, 33),
+        "tiny": (8, 8),
+        "rotated": (64, 24),
+    }
+
+
+def test_load_rgb_converts_every_mode(tmp_path):
+    """Every mode decodes to uint8 RGB of the displayed size; 16-bit is scaled by its range."""
+    sizes = _write_images(tmp_path)
+    for name, size in sizes.items():
+        path = next(tmp_path.glob(f"{name}.*"))
+        image = predict.load_rgb(str(path))
+        assert image.shape == (*size, 3) and image.dtype == np.uint8, name
+    gray16 = np.asarray(Image.open(tmp_path / "gray16.png"), np.float64)
+    np.testing.assert_array_equal(
+        predict.load_rgb(str(tmp_path / "gray16.png"))[..., 1],
+        np.round(gray16 / 65535 * 255).astype(np.uint8),
+    )
+
+
+def test_predict_folder_writes_masks_at_input_size_and_skips_non_images(tmp_path, weights_file):
+    """A folder: three outputs per image at its size, the legend once, the text file skipped."""
+    (tmp_path / "in").mkdir()
+    sizes = _write_images(tmp_path / "in")
+    path, model, variables = weights_file
+    segmenter = predict.Segmenter(path)
+    skipped = predict.predict_files(
+        predict.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), segmenter, max_side=2048, alpha=0.5
+    )
+    assert len(skipped) == 1 and "notes.txt" in skipped[0]
+    assert (tmp_path / "out" / "legend.png").is_file()
+    for name, size in sizes.items():
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        color = np.asarray(Image.open(tmp_path / "out" / f"{name}_color.png"))
+        over = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png"))
+        assert mask.shape == size and color.shape == (*size, 3) and over.shape == (*size, 3), name
+        assert mask.max() < camvid.NUM_CLASSES
+        np.testing.assert_array_equal(color, camvid.PALETTE[mask])
+    # The mask is the model's argmax on the decoded image.
+    image = predict.load_rgb(str(tmp_path / "in" / "rgb.png"))
+    expected = np.argmax(np.asarray(model.apply(variables, image[None].astype(np.float32))), -1)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rgb_mask.png")), expected)
+
+
+def test_large_images_are_segmented_at_max_side_and_upsampled(tmp_path, weights_file):
+    """An image over max_side comes back at its full size."""
+    Image.fromarray(np.zeros((300, 500, 3), np.uint8)).save(tmp_path / "big.png")
+    mask = predict.Segmenter(weights_file[0])(predict.load_rgb(str(tmp_path / "big.png")), max_side=100)
+    assert mask.shape == (300, 500)
+
+
+def test_overlay_blends_colours():
+    """The overlay is the alpha blend of photo and palette colour."""
+    image = np.full((2, 2, 3), 100, np.uint8)
+    mask = np.array([[0, 1], [3, 11]], np.uint8)
+    expected = np.round(0.25 * 100 + 0.75 * camvid.PALETTE[mask].astype(np.float64)).astype(np.uint8)
+    np.testing.assert_array_equal(predict.overlay(image, mask, 0.75), expected)
+
+
+def test_cli_glob_and_missing_input(tmp_path, weights_file):
+    """The command line takes a glob; a path matching nothing is a one-line error."""
+    _write_images(tmp_path)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "fastscnn_jax.predict", *a],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = run(f"--input={tmp_path}/r*.png", f"--output={tmp_path}/out", f"--checkpoint={weights_file[0]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["legend.png"] + [f"{n}_{k}.png" for n in ("rgb", "rgba") for k in ("mask", "color", "overlay")]
+    )
+    result = run(
+        f"--input={tmp_path}/none*.png", f"--output={tmp_path}/out2", f"--checkpoint={weights_file[0]}"
+    )
+    assert result.returncode != 0 and "no file matches" in result.stderr and "Traceback" not in result.stderr
