@@ -1,0 +1,600 @@
+r"""Measures Fast-SCNN's speed on the devices JAX sees: inference, train steps and the input pipeline.
+
+  python -m fastscnn_jax.benchmark --config=configs/camvid.py
+  python -m fastscnn_jax.benchmark --config=configs/camvid.py --sizes=384x480,1024x2048 --compare-torch \
+      --output=benchmarks/cpu.json
+  python -m fastscnn_jax.benchmark --config=configs/camvid.py --dtype=bfloat16 --output=benchmarks/gpu.json
+
+Every measurement is timed the same way: one first call (for JAX it includes jit compilation and is reported
+as `compile_s`), `--warmup` untimed calls, then `--iters` timed calls, each waited for with
+`block_until_ready` (or `torch.cuda.synchronize`); rows give the median and 90th percentile of the timed calls
+and items (images) per second at the median. Modes:
+
+  inference       the jitted forward pass (`train=False`) at each `--sizes` and `--batch`.
+  train           `train.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
+                  `--train_batch`, on random images and labels.
+  input_pipeline  `input_pipeline.train_dataset` on the real CamVid train split with the config's crop size
+                  and batch size, nothing else running, so one sees whether data or compute bounds training.
+
+`--compare-torch` adds rows of a plain PyTorch Fast-SCNN of the same architecture (`torch_reference`), with
+as many threads as XLA uses, and the JAX/PyTorch throughput ratio. See benchmarks/README.md.
+"""
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fastscnn_jax import cli
+
+FLAGS = flags.FLAGS
+
+MODES = ("inference", "train", "input_pipeline")
+TORCH_INSTALL_HINT = "pip install torch==2.13.0"
+
+
+def parse_sizes(values: list[str]) -> list[tuple[int, int]]:
+    """['360x480', ...] -> [(360, 480), ...]; raises ValueError naming a malformed entry."""
+    sizes = []
+    for value in values:
+        try:
+            height, width = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes entry {value!r} is not HEIGHTxWIDTH, e.g. 360x480") from None
+        if height < 1 or width < 1:
+            raise ValueError(f"--sizes entry {value!r} must be positive")
+        sizes.append((height, width))
+    return sizes
+
+
+def parse_batches(values: list[str]) -> list[int]:
+    """['1', '8'] -> [1, 8]; raises ValueError naming a bad entry."""
+    try:
+        batches = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--batch must be positive integers, got {','.join(values)}") from None
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch must be positive integers, got {','.join(values)}")
+    return batches
+
+
+def cpu_threads() -> int:
+    """CPUs this process may run on: the size of XLA:CPU's thread pool, and what PyTorch gets too."""
+    # XLA sizes its pool from the affinity mask, which is smaller than os.cpu_count() under taskset/cgroups.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def time_calls(call, sync, warmup: int, iters: int) -> tuple[float, list[float]]:
+    """Seconds of the first call, then of each of `iters` timed calls after `warmup` untimed ones.
+
+    Args:
+      call: runs one step and returns what `sync` waits for.
+      sync: blocks until the work `call` dispatched has finished (asynchronous dispatch would otherwise be
+        timed instead of the work).
+      warmup: untimed calls after the first.
+      iters: timed calls.
+
+    Returns:
+      (first call seconds, list of timed call seconds).
+    """
+    start = time.perf_counter()
+    sync(call())
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        sync(call())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        sync(call())
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def summarize(times: list[float], items: int) -> dict:
+    """Median and p90 latency in ms, and items per second at the median."""
+    import numpy as np
+
+    median = float(np.median(times))
+    return {
+        "median_ms": round(median * 1e3, 3),
+        "p90_ms": round(float(np.percentile(times, 90)) * 1e3, 3),
+        "items_per_s": round(items / median, 3),
+    }
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def jax_peak_memory() -> tuple[int, str]:
+    """(bytes, source): the device allocator's peak where the backend has one, else the process max RSS."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without allocator statistics (CPU) raise or return None
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return max_rss_bytes(), "process max RSS"
+
+
+def machine_info() -> dict:
+    """Devices, CPU, platform and package versions, to say what a result file was measured on."""
+    import jax
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow", "tensorflow-cpu", "torch"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    processor = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is often empty or just 'x86_64' on Linux
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        processor = names[0] if names else processor
+    return {
+        "platform": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "cpu_threads": cpu_threads(),
+        "processor": processor,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _row(framework, mode, shape, dtype, compile_s, times, peak, **extra) -> dict:
+    """One result row with the keys every row has; `shape` is the input's (batch, height, width, ...)."""
+    batch = shape[0]
+    return {
+        "framework": framework,
+        "mode": mode,
+        "height": shape[1],
+        "width": shape[2],
+        "batch": batch,
+        "dtype": dtype,
+        "compile_s": None if compile_s is None else round(compile_s, 3),
+        **summarize(times, batch),
+        "peak_memory_bytes": peak[0],
+        "peak_memory_source": peak[1],
+        **extra,
+    }
+
+
+def _random_batch(rng, batch: int, size: tuple[int, int], num_classes: int, ignore_label: int) -> dict:
+    """Random 0..255 NHWC images and labels with about 10% void pixels, as numpy arrays."""
+    import numpy as np
+
+    image = rng.uniform(0, 255, (batch, *size, 3)).astype(np.float32)
+    label = rng.integers(0, num_classes, (batch, *size)).astype(np.int32)
+    label[rng.random((batch, *size)) < 0.1] = ignore_label
+    return {"image": image, "label": label}
+
+
+class JaxRunner:
+    """The JAX model, its train state and jitted inference and train steps, built once for every size."""
+
+    def __init__(self, config):
+        """Initialises parameters and jits the steps (compilation happens per input shape, when first run)."""
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from fastscnn_jax import models, train
+
+        self.config = config
+        self.jax = jax
+        self.mesh = train.create_mesh()
+        self.replicated = NamedSharding(self.mesh, P())
+        self.impl = models.resolve_depthwise_impl(config.model.depthwise_impl)
+        model = train.create_model(config)
+        optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, 1000))
+        init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+        state = train.create_train_state(config, model, init_rng, optimizer)
+        self.num_params_without_aux = sum(
+            x.size for k, v in state.params.items() if k != "aux_head" for x in jax.tree.leaves(v)
+        )
+        # Inference keeps its own copy: the train step donates the state's buffers.
+        self.variables = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
+        self.state = jax.device_put(state, self.replicated)
+        self.infer = jax.jit(functools.partial(model.apply, train=False))
+        # Uniform class weights cost what the config's real ones cost without reading the dataset.
+        weights = None if config.class_weighting == "none" else jnp.ones(config.num_classes, jnp.float32)
+        self.train_step = jax.jit(
+            functools.partial(train.train_step, config=config, weights=weights, dropout_rng=dropout_rng),
+            in_shardings=(self.replicated, NamedSharding(self.mesh, P("data"))),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        self.shard_batch = functools.partial(train.shard_batch, mesh=self.mesh)
+
+    def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:
+        """Times the forward pass on `batch['image']`."""
+        jax = self.jax
+        images = batch["image"]
+        n = jax.device_count()
+        if len(images) % n == 0:
+            variables = jax.device_put(self.variables, self.replicated)
+            images = self.shard_batch({"image": images})["image"]
+        else:  # a batch the devices cannot split (e.g. 1 on 8 GPUs) runs on one device
+            n = 1
+            variables = jax.device_put(self.variables, jax.devices()[0])
+            images = jax.device_put(images, jax.devices()[0])
+        first, times = time_calls(lambda: self.infer(variables, images), jax.block_until_ready, warmup, iters)
+        extra = {"depthwise_impl": self.impl, "devices": n}
+        return _row(
+            "jax",
+            "inference",
+            images.shape,
+            self.config.model.dtype,
+            first,
+            times,
+            jax_peak_memory(),
+            **extra,
+        )
+
+    def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
+        """Times `train.train_step` on `batch`, carrying the state from step to step."""
+        jax = self.jax
+        if len(batch["image"]) % jax.device_count():
+            raise ValueError(
+                f"--train_batch={len(batch['image'])} must be a multiple of the {jax.device_count()} devices"
+            )
+        sharded = self.shard_batch(batch)
+
+        def step():
+            """One train step; the donated state is replaced by the new one."""
+            self.state, step_metrics = self.train_step(self.state, sharded)
+            return self.state, step_metrics
+
+        first, times = time_calls(step, jax.block_until_ready, warmup, iters)
+        extra = {"depthwise_impl": self.impl, "devices": jax.device_count()}
+        shape, dtype = batch["image"].shape, self.config.model.dtype
+        return _row("jax", "train", shape, dtype, first, times, jax_peak_memory(), **extra)
+
+
+def import_torch():
+    """Imports torch, an optional dependency, or exits with the command that installs it."""
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(f"--compare-torch needs PyTorch ({e}): {TORCH_INSTALL_HINT}") from None
+    return torch
+
+
+class TorchRunner:
+    """`torch_reference.FastSCNN` timed like the JAX model, on the GPU when JAX uses one, else the CPU."""
+
+    def __init__(self, config, jax_num_params: int):
+        """Builds model and optimizer; asserts the parameter count equals the JAX model's (aux excluded)."""
+        import jax
+
+        torch = import_torch()
+
+        from fastscnn_jax import torch_reference
+
+        self.torch = torch
+        self.config = config
+        self.threads = cpu_threads()
+        torch.set_num_threads(self.threads)
+        use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        if use_cuda:
+            torch.backends.cudnn.benchmark = True  # autotuned kernels, as XLA autotunes its convolutions
+        self.dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else None
+        self.model = torch_reference.FastSCNN(
+            config.num_classes, config.model.width, config.model.dropout_rate, config.model.aux_head
+        ).to(self.device)
+        torch_params = torch_reference.count_parameters(self.model)
+        assert torch_params == jax_num_params, (
+            f"PyTorch reference has {torch_params} parameters, the JAX model {jax_num_params}: "
+            "the architectures differ, so the comparison would be meaningless"
+        )
+        self.num_params = torch_params
+        # AdamW with the config's hyperparameters, weight decay on kernels only, as train.create_optimizer.
+        params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1]}],
+            lr=config.learning_rate,
+            betas=(config.adam_b1, config.adam_b2),
+            weight_decay=config.weight_decay,
+        )
+        self.optimizer.param_groups[1]["weight_decay"] = 0.0
+        weighted = config.class_weighting != "none"
+        self.loss = torch.nn.CrossEntropyLoss(
+            weight=torch.ones(config.num_classes, device=self.device) if weighted else None,
+            ignore_index=config.ignore_label,
+        )
+
+    def _autocast(self):
+        """bfloat16 autocast when benchmarking bfloat16 (the analogue of the Flax model's compute dtype)."""
+        import contextlib
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sync(self, _):
+        """Waits for queued CUDA work; CPU ops have finished when they return."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _peak_memory(self) -> tuple[int, str]:
+        """(bytes, source) of this row: CUDA allocator peak since the row began, else the process max RSS."""
+        if self.device.type == "cuda":
+            return int(self.torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+        return max_rss_bytes(), "process max RSS"
+
+    def _images(self, images):
+        """NHWC numpy images as an NCHW tensor on the device."""
+        return self.torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+
+    def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:
+        """Times the forward pass under `torch.inference_mode` in eval mode."""
+        torch = self.torch
+        images = self._images(batch["image"])
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.model.eval()
+
+        def call():
+            """One forward pass."""
+            with torch.inference_mode(), self._autocast():
+                return self.model(images)
+
+        _, times = time_calls(call, self._sync, warmup, iters)
+        return self._row("inference", batch, times)
+
+    def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
+        """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW."""
+        torch = self.torch
+        config = self.config
+        images = self._images(batch["image"])
+        labels = torch.from_numpy(batch["label"]).long().to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.model.train()
+
+        def step():
+            """One optimizer step."""
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                out = self.model(images)
+                if isinstance(out, tuple):
+                    loss = self.loss(out[0], labels) + config.aux_loss_weight * self.loss(out[1], labels)
+                else:
+                    loss = self.loss(out, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip_norm)
+            self.optimizer.step()
+            return loss
+
+        _, times = time_calls(step, self._sync, warmup, iters)
+        return self._row("train", batch, times)
+
+    def _row(self, mode: str, batch: dict, times: list[float]) -> dict:
+        """A torch result row (no compile step, so `compile_s` is None)."""
+        extra = {"threads": self.torch.get_num_threads(), "device": str(self.device)}
+        shape, dtype = batch["image"].shape, self.config.model.dtype
+        return _row("torch", mode, shape, dtype, None, times, self._peak_memory(), **extra)
+
+
+def input_pipeline_row(config, warmup: int, iters: int) -> dict:
+    """Times `input_pipeline.train_dataset` batches of real CamVid on their own (no model running).
+
+    `compile_s` is the time to the first batch (tracing the tf.data functions and filling buffers); as
+    prefetching makes single batches arrive in bursts, `items_per_s` is total images over total time of the
+    timed batches rather than the median's rate.
+    """
+    from fastscnn_jax import camvid, input_pipeline
+
+    builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
+    split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    dataset = input_pipeline.train_dataset(split, config, local_batch_size=config.batch_size)
+    iterator = None
+
+    def next_batch():
+        """The next batch; the first call also starts the pipeline, so `compile_s` covers its start-up."""
+        nonlocal iterator
+        iterator = iterator or dataset.as_numpy_iterator()
+        return next(iterator)
+
+    first, times = time_calls(next_batch, lambda _: None, warmup, iters)
+    shape = (config.batch_size, *config.crop_size)
+    peak = (max_rss_bytes(), "process max RSS")
+    row = _row("jax", "input_pipeline", shape, "float32", first, times, peak, depthwise_impl=None)
+    row["items_per_s"] = round(config.batch_size * len(times) / sum(times), 3)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Sets `ratio_vs_torch` (JAX items/s over PyTorch items/s; > 1: JAX faster) on JAX rows with a peer."""
+    key = lambda r: (r["mode"], r["height"], r["width"], r["batch"], r["dtype"])
+    torch_rows = {key(r): r for r in rows if r["framework"] == "torch"}
+    for row in rows:
+        peer = torch_rows.get(key(row))
+        if row["framework"] == "jax" and peer:
+            row["ratio_vs_torch"] = round(row["items_per_s"] / peer["items_per_s"], 3)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of the rows."""
+    header = (
+        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'dw impl':<7} "
+        f"{'compile_s':>9} {'median_ms':>10} {'p90_ms':>10} {'items/s':>9} {'peak_MiB':>9} {'jax/torch':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
+        peak = f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{r['framework']:<9} {r['mode']:<14} {r['height']:>4}x{r['width']:<4} {r['batch']:>5} "
+            f"{r['dtype']:<8} {r.get('depthwise_impl') or '-':<7} {compile_s:>9} {r['median_ms']:>10.2f} "
+            f"{r['p90_ms']:>10.2f} {r['items_per_s']:>9.2f} {peak:>9} {ratio:>9}"
+        )
+    sources = sorted({r["peak_memory_source"] for r in rows})
+    lines.append(
+        f"peak memory: {', '.join(sources)} (process-wide so far for RSS); jax/torch > 1: JAX faster"
+    )
+    return "\n".join(lines)
+
+
+def run_benchmark(
+    config,
+    *,
+    sizes: list[tuple[int, int]],
+    batches: list[int],
+    train_batch: int,
+    warmup: int,
+    iters: int,
+    modes: tuple[str, ...] = MODES,
+    compare_torch: bool = False,
+) -> dict:
+    """Runs every measurement and returns the report.
+
+    Args:
+      config: the configuration (model, optimizer, loss and data keys; `model.dtype` and
+        `model.depthwise_impl` as they should be benchmarked).
+      sizes: (height, width) input sizes for inference and train rows.
+      batches: inference batch sizes.
+      train_batch: train-step batch size (a multiple of the device count).
+      warmup: untimed calls after the first.
+      iters: timed calls per row.
+      modes: which of `MODES` to measure ('input_pipeline' needs the CamVid dataset).
+      compare_torch: also time `torch_reference.FastSCNN` (needs torch).
+
+    Returns:
+      {"machine": `machine_info()`, "rows": [row, ...]}, rows with `framework`, `mode`, `height`, `width`,
+      `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, and for JAX rows
+      `depthwise_impl` and, where a PyTorch row matches, `ratio_vs_torch`.
+    """
+    import numpy as np
+
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    if not set(modes) <= set(MODES):
+        raise ValueError(f"modes must be among {MODES}, got {modes}")
+    # The model is built (and parameters initialised) only when a model mode is asked for.
+    jax_runner = JaxRunner(config) if {"inference", "train"} & set(modes) else None
+    torch_runner = (
+        TorchRunner(config, jax_runner.num_params_without_aux) if compare_torch and jax_runner else None
+    )
+    runners = [r for r in (jax_runner, torch_runner) if r]
+    rng = np.random.default_rng(config.seed)
+    rows = []
+    print("\n".join(format_table([]).splitlines()[:2]), flush=True)
+    for size in sizes if runners else []:
+        for batch_size in batches if "inference" in modes else []:
+            batch = _random_batch(rng, batch_size, size, config.num_classes, config.ignore_label)
+            for runner in runners:
+                rows.append(runner.inference_row(batch, warmup, iters))
+                print(format_table(rows[-1:]).splitlines()[2], flush=True)
+        batch = _random_batch(rng, train_batch, size, config.num_classes, config.ignore_label)
+        for runner in runners if "train" in modes else []:
+            rows.append(runner.train_row(batch, warmup, iters))
+            print(format_table(rows[-1:]).splitlines()[2], flush=True)
+    if "input_pipeline" in modes:
+        rows.append(input_pipeline_row(config, warmup, iters))
+    add_ratios(rows)
+    machine = machine_info()
+    if torch_runner:
+        machine["torch_threads"] = torch_runner.threads
+        machine["torch_device"] = str(torch_runner.device)
+        machine["num_params_without_aux"] = torch_runner.num_params
+    return {"machine": machine, "rows": rows}
+
+
+def main(argv):
+    """Runs the benchmark, prints the table and writes the JSON report."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    try:
+        sizes = parse_sizes(FLAGS.sizes)
+        batches = parse_batches(FLAGS.batch)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    modes = tuple(m for m in FLAGS.modes if not (FLAGS.skip_input_pipeline and m == "input_pipeline"))
+    if not set(modes) <= set(MODES):
+        raise app.UsageError(f"--modes must be among {','.join(MODES)}, got {','.join(FLAGS.modes)}")
+    if FLAGS.compare_torch:
+        import_torch()  # fail before minutes of JAX measurements, not after
+        # JAX would otherwise take 75% of GPU memory at start, leaving PyTorch too little.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
+    config = FLAGS.config.copy_and_resolve_references()
+    if FLAGS.dtype:
+        config.model.dtype = FLAGS.dtype
+    if FLAGS.depthwise_impl:
+        config.model.depthwise_impl = FLAGS.depthwise_impl
+    report = run_benchmark(
+        config,
+        sizes=sizes,
+        batches=batches,
+        train_batch=FLAGS.train_batch,
+        warmup=FLAGS.warmup,
+        iters=FLAGS.iters,
+        modes=modes,
+        compare_torch=FLAGS.compare_torch,
+    )
+    machine = report["machine"]
+    devices = f"{machine['device_kind']} x{len(machine['devices'])} ({machine['platform']})"
+    print(f"\n{devices}, {machine['processor']}")
+    print(format_table(report["rows"]))
+    if FLAGS.output:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+        with open(FLAGS.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {FLAGS.output}")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so the module stays importable)."""
+    default_config = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "camvid.py"
+    )
+    config_flags.DEFINE_config_file("config", default_config, "Configuration file.", lock_config=True)
+    flags.DEFINE_list(
+        "sizes", ["360x480", "720x960", "1024x2048"], "Input sizes HEIGHTxWIDTH, comma-separated."
+    )
+    flags.DEFINE_list("batch", ["1", "8"], "Inference batch sizes, comma-separated.")
+    flags.DEFINE_integer("train_batch", 8, "Train-step batch size (a multiple of the device count).")
+    flags.DEFINE_integer("iters", 20, "Timed calls per row.")
+    flags.DEFINE_integer("warmup", 3, "Untimed calls after the first (compiling) call.")
+    flags.DEFINE_enum(
+        "dtype", None, ["float32", "bfloat16"], "Compute dtype; default the config's model.dtype."
+    )
+    flags.DEFINE_enum(
+        "depthwise_impl", None, ["auto", "shifted", "lax"], "Depthwise conv form; default the config's."
+    )
+    flags.DEFINE_list("modes", list(MODES), f"What to measure, comma-separated, among {','.join(MODES)}.")
+    flags.DEFINE_boolean("skip_input_pipeline", False, "Leave out the input-pipeline measurement.")
+    flags.DEFINE_boolean("compare_torch", False, f"Also time a PyTorch Fast-SCNN ({TORCH_INSTALL_HINT}).")
+    flags.DEFINE_string("output", None, "Write the JSON report here.")
+    # The README spells these with hyphens; absl aliases accept both spellings.
+    for name in ("train_batch", "skip_input_pipeline", "compare_torch"):
+        flags.DEFINE_alias(name.replace("_", "-"), name)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,124 @@
+"""Tests of `python -m fastscnn_jax.benchmark`: the real command, tiny, on real CamVid; no torch needed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastscnn_jax import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+TINY_FLAGS = ["--sizes=64x96", "--batch=1", "--train-batch=2", "--iters=2", "--warmup=1"]
+REQUIRED_KEYS = {
+    "framework",
+    "mode",
+    "height",
+    "width",
+    "batch",
+    "dtype",
+    "compile_s",
+    "median_ms",
+    "p90_ms",
+    "items_per_s",
+    "depthwise_impl",
+}
+
+
+def _run(*args, pythonpath=REPO):
+    """Runs the benchmark module with the tiny config; returns the completed process."""
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "fastscnn_jax.benchmark", f"--config={TINY}", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir):
+    """Config overrides pointing at the real CamVid, prepared once for the session."""
+    return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_flags):
+    """One float32 run of every mode; returns (completed process, parsed JSON report)."""
+    output = tmp_path_factory.mktemp("benchmark") / "tiny.json"
+    result = _run(*TINY_FLAGS, f"--output={output}", *data_flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, json.loads(output.read_text())
+
+
+def test_report_has_a_row_per_mode_with_every_key(tiny_run):
+    """Inference, train and input-pipeline rows, each complete, with positive throughput and compile time."""
+    _, report = tiny_run
+    rows = report["rows"]
+    assert {r["mode"] for r in rows} == set(benchmark.MODES)
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row), row
+        assert row["framework"] == "jax" and row["dtype"] == "float32"
+        assert row["items_per_s"] > 0 and row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
+        assert row["compile_s"] is not None and row["compile_s"] > 0
+        assert row["peak_memory_bytes"] > 0
+    model_rows = [r for r in rows if r["mode"] != "input_pipeline"]
+    assert {(r["height"], r["width"]) for r in model_rows} == {(64, 96)}
+    assert {r["batch"] for r in rows if r["mode"] == "train"} == {2}
+    assert all(r["depthwise_impl"] == "shifted" for r in model_rows)  # 'auto' on CPU
+    pipeline = next(r for r in rows if r["mode"] == "input_pipeline")
+    assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (64, 96, 4)  # tiny crop and batch
+    assert not any("ratio_vs_torch" in r for r in rows)  # no torch rows to compare with
+    machine = report["machine"]
+    assert machine["platform"] == "cpu" and machine["devices"] and machine["cpu_count"] >= 1
+    assert {"jax", "jaxlib", "flax", "numpy"} <= set(machine["versions"])
+
+
+def test_table_names_each_mode(tiny_run):
+    """The printed table has a line for each mode."""
+    result, _ = tiny_run
+    for mode in benchmark.MODES:
+        assert any(line.startswith("jax") and f" {mode} " in line for line in result.stdout.splitlines()), (
+            mode
+        )
+    assert "jax/torch" in result.stdout
+
+
+def test_bfloat16_rows_say_bfloat16(tmp_path):
+    """`--dtype=bfloat16` benchmarks the bfloat16 compute dtype and labels its rows so."""
+    output = tmp_path / "bf16.json"
+    result = _run(*TINY_FLAGS, "--dtype=bfloat16", "--modes=inference", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert rows and all(r["dtype"] == "bfloat16" and r["mode"] == "inference" for r in rows)
+
+
+def test_compare_torch_without_torch_names_the_install_command(tmp_path):
+    """Without torch (a stub that fails to import stands in for it), --compare-torch says what to install."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    result = _run(*TINY_FLAGS, "--compare-torch", pythonpath=f"{stub.parent}{os.pathsep}{REPO}")
+    assert result.returncode != 0
+    assert benchmark.TORCH_INSTALL_HINT in result.stderr and "Traceback" not in result.stderr
+
+
+def test_parse_sizes_and_batches():
+    """HEIGHTxWIDTH lists parse; malformed entries are named."""
+    assert benchmark.parse_sizes(["384x480", "1024X2048"]) == [(384, 480), (1024, 2048)]
+    assert benchmark.parse_batches(["1", "8"]) == [1, 8]
+    with pytest.raises(ValueError, match="'384'"):
+        benchmark.parse_sizes(["384"])
+    with pytest.raises(ValueError, match="positive"):
+        benchmark.parse_batches(["0"])
+
+
+def test_ratio_is_jax_over_torch_throughput_on_matching_rows():
+    """`ratio_vs_torch` lands on JAX rows with a PyTorch row of the same mode, size, batch and dtype."""
+    base = {"mode": "inference", "height": 384, "width": 480, "batch": 1, "dtype": "float32"}
+    rows = [
+        {**base, "framework": "jax", "items_per_s": 30.0},
+        {**base, "framework": "torch", "items_per_s": 20.0},
+        {**base, "framework": "jax", "batch": 8, "items_per_s": 50.0},
+    ]
+    benchmark.add_ratios(rows)
+    assert rows[0]["ratio_vs_torch"] == 1.5
+    assert "ratio_vs_torch" not in rows[1] and "ratio_vs_torch" not in rows[2]
