@@ -205,6 +205,12 @@ def eval_step(
     return metrics.EvalMetrics.single_from_model_output(logits=logits, label=batch["label"], valid=valid)
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every array in `tree` is finite."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def create_mesh() -> Mesh:
     """One-axis mesh over every device of every process."""
     return Mesh(np.asarray(jax.devices()), ("data",))
@@ -434,6 +440,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 stop = True
 
         if step % config.checkpoint_every_steps == 0 or is_last or stop:
+            # Never let a diverged state replace a good checkpoint.
+            if not bool(all_finite(state.params)):
+                raise FloatingPointError(
+                    f"parameters are not finite at step {step}; stopping without saving. The last good "
+                    f"checkpoint (step {checkpoints.latest_step()}) in {workdir} is kept."
+                )
             checkpoints.save_state(step, state, {**meta, "step": step})
         if stop:
             break

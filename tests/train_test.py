@@ -254,3 +254,42 @@ def test_one_device_equals_eight_devices():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOSSES" in result.stdout
+
+
+def _fake_run_config(tmp_path):
+    """Tiny config training on a synthetic CamVid folder, evaluating and checkpointing every step."""
+    from tests.conftest import make_fake_camvid
+
+    config = tiny.get_config()
+    config.dataset_dir = str(make_fake_camvid(tmp_path / "camvid", n=4, size=(32, 48)))
+    config.tfds_data_dir = str(tmp_path / "tfds")
+    config.crop_size = (32, 48)
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.num_train_steps = 6
+    config.eval_every_steps = 1
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    return config
+
+
+def test_early_stopping_and_divergence(tmp_path):
+    """No val gain for `patience` evaluations stops the run; a diverging run stops, naming the step."""
+    config = _fake_run_config(tmp_path)
+    config.learning_rate = 1e-12  # next to nothing is learned: val mIoU soon stops improving
+    config.early_stopping_patience = 2
+    workdir = tmp_path / "early"
+    train.train_and_evaluate(config, str(workdir))
+    meta = train.checkpointing.Checkpoints(str(workdir)).latest_meta()
+    assert meta["step"] < config.num_train_steps and meta["evals_since_best"] == 2, meta
+
+    config = _fake_run_config(tmp_path)
+    config.learning_rate = 1e30
+    config.grad_clip_norm = 1e30
+    config.log_every_steps = 100  # the parameter check before saving must catch it on its own
+    with pytest.raises(FloatingPointError, match="at step"):
+        train.train_and_evaluate(config, str(tmp_path / "diverged"))
+    saved = [p for p in (tmp_path / "diverged" / "checkpoints").iterdir() if p.name.isdigit()]
+    for step_dir in saved:
+        variables, _ = train.checkpointing.load_variables(str(step_dir))
+        assert bool(train.all_finite(variables["params"])), f"non-finite checkpoint {step_dir}"
