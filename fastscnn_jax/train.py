@@ -7,6 +7,8 @@ Data parallel: the batch is sharded over a one-axis `Mesh` of every device, para
 import functools
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -205,6 +207,35 @@ def eval_step(
     return metrics.EvalMetrics.single_from_model_output(logits=logits, label=batch["label"], valid=valid)
 
 
+class Preemption:
+    """Context in which SIGTERM (what a preempted VM or `kill` sends) is noted instead of killing.
+
+    The training loop checks `received` after each step, saves a checkpoint and returns, so a preempted run
+    loses no steps. Outside the main thread (where signals cannot be handled) it does nothing.
+    """
+
+    def __init__(self):
+        """Starts with no signal received."""
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        """Installs the SIGTERM handler."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        """Notes the signal."""
+        del signum, frame
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        """Restores the previous handler."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
     """Whether every element of every array in `tree` is finite."""
@@ -378,77 +409,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_metrics = None
     best_scores = None
     logging.info("Training from step %d to %d.", start_step, num_train_steps)
-    for step in range(start_step + 1, num_train_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, step_metrics = p_train_step(state, shard_batch(next(train_iter), mesh))
-        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-        report_progress(step)
-        is_last = step == num_train_steps
+    with Preemption() as preemption:
+        for step in range(start_step + 1, num_train_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = p_train_step(state, shard_batch(next(train_iter), mesh))
+            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            report_progress(step)
+            is_last = step == num_train_steps
 
-        if step % config.log_every_steps == 0 or is_last:
-            computed = train_metrics.compute()
-            loss = float(computed["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"train loss is {loss} at step {step}; stopping. The last good checkpoint "
-                    f"(step {checkpoints.latest_step()}) in {workdir} is kept."
+            if step % config.log_every_steps == 0 or is_last:
+                computed = train_metrics.compute()
+                loss = float(computed["loss"])
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"train loss is {loss} at step {step}; stopping. The last good checkpoint "
+                        f"(step {checkpoints.latest_step()}) in {workdir} is kept."
+                    )
+                scores = metrics.segmentation_scores(
+                    computed["confusion"], camvid.CLASS_NAMES[: config.num_classes]
                 )
-            scores = metrics.segmentation_scores(
-                computed["confusion"], camvid.CLASS_NAMES[: config.num_classes]
-            )
-            writer.write_scalars(
-                step,
-                {
-                    "train_loss": loss,
-                    "train_miou": scores["miou"],
-                    "train_pixel_accuracy": scores["pixel_accuracy"],
-                    "learning_rate": float(learning_rate_fn(step - 1)),
-                },
-            )
-            train_metrics = None
+                writer.write_scalars(
+                    step,
+                    {
+                        "train_loss": loss,
+                        "train_miou": scores["miou"],
+                        "train_pixel_accuracy": scores["pixel_accuracy"],
+                        "learning_rate": float(learning_rate_fn(step - 1)),
+                    },
+                )
+                train_metrics = None
 
-        stop = False
-        if step % config.eval_every_steps == 0 or is_last:
-            with report_progress.timed("eval"):
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
-                scores, _ = evaluate(p_eval_step, variables, builder, config.eval_split, config, mesh)
-            split = config.eval_split
-            writer.write_scalars(
-                step,
-                {
-                    f"{split}_miou": scores["miou"],
-                    f"{split}_pixel_accuracy": scores["pixel_accuracy"],
-                    f"{split}_mean_dice": scores["mean_dice"],
-                    **{f"{split}_iou/{k}": v for k, v in scores["per_class_iou"].items()},
-                },
-            )
-            logging.info("Step %d %s:\n%s", step, split, metrics.format_table(scores))
-            if scores["miou"] > meta["best_miou"]:
-                meta.update(best_miou=scores["miou"], evals_since_best=0)
-                best_scores = {"step": step, **scores}
-                checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
-                if is_chief:
-                    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-                        json.dump(best_scores, f, indent=2)
-            else:
-                meta["evals_since_best"] += 1
-            patience = config.early_stopping_patience
-            if patience > 0 and meta["evals_since_best"] >= patience:
-                logging.info(
-                    "Early stopping at step %d: no %s mIoU gain in %d evaluations.", step, split, patience
+            stop = False
+            if step % config.eval_every_steps == 0 or is_last:
+                with report_progress.timed("eval"):
+                    variables = {"params": state.params, "batch_stats": state.batch_stats}
+                    scores, _ = evaluate(p_eval_step, variables, builder, config.eval_split, config, mesh)
+                split = config.eval_split
+                writer.write_scalars(
+                    step,
+                    {
+                        f"{split}_miou": scores["miou"],
+                        f"{split}_pixel_accuracy": scores["pixel_accuracy"],
+                        f"{split}_mean_dice": scores["mean_dice"],
+                        **{f"{split}_iou/{k}": v for k, v in scores["per_class_iou"].items()},
+                    },
                 )
-                stop = True
+                logging.info("Step %d %s:\n%s", step, split, metrics.format_table(scores))
+                if scores["miou"] > meta["best_miou"]:
+                    meta.update(best_miou=scores["miou"], evals_since_best=0)
+                    best_scores = {"step": step, **scores}
+                    checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
+                    if is_chief:
+                        with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+                            json.dump(best_scores, f, indent=2)
+                else:
+                    meta["evals_since_best"] += 1
+                patience = config.early_stopping_patience
+                if patience > 0 and meta["evals_since_best"] >= patience:
+                    logging.info(
+                        "Early stopping at step %d: no %s mIoU gain in %d evaluations.", step, split, patience
+                    )
+                    stop = True
 
-        if step % config.checkpoint_every_steps == 0 or is_last or stop:
-            # Never let a diverged state replace a good checkpoint.
-            if not bool(all_finite(state.params)):
-                raise FloatingPointError(
-                    f"parameters are not finite at step {step}; stopping without saving. The last good "
-                    f"checkpoint (step {checkpoints.latest_step()}) in {workdir} is kept."
-                )
-            checkpoints.save_state(step, state, {**meta, "step": step})
-        if stop:
-            break
+            preempted = preemption.received
+            if step % config.checkpoint_every_steps == 0 or is_last or stop or preempted:
+                # Never let a diverged state replace a good checkpoint.
+                if not bool(all_finite(state.params)):
+                    raise FloatingPointError(
+                        f"parameters are not finite at step {step}; stopping without saving. The last good "
+                        f"checkpoint (step {checkpoints.latest_step()}) in {workdir} is kept."
+                    )
+                checkpoints.save_state(step, state, {**meta, "step": step})
+            if preempted:
+                logging.warning("SIGTERM at step %d: checkpoint saved; run the same command to resume.", step)
+            if stop or preempted:
+                break
 
     writer.flush()
     checkpoints.close()

@@ -64,19 +64,27 @@ def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):
     assert "parameter" in result.stderr.lower() or "Total" in result.stderr  # parameter overview logged
 
 
-def test_kill_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, data_flags):
-    """kill -9 after the first checkpoint, run the same command again: bit-equal final parameters."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupt_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, data_flags, sig):
+    """kill -9 (or SIGTERM, as on preemption) after the first checkpoint, run the same command again:
+    bit-equal final parameters. On SIGTERM the run first saves a checkpoint of the step it was at."""
     workdir = tmp_path / "run"
     command = _command("main", f"--workdir={workdir}", data_flags=data_flags)
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "2").is_dir():
         assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
     final = str(tiny.get_config().num_train_steps)
-    assert not (workdir / "checkpoints" / final).exists(), "the run finished before it was killed"
+    assert not (workdir / "checkpoints" / final).exists(), "the run finished before it was interrupted"
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0, stderr[-3000:]
+        stopped = int(stderr.split("SIGTERM at step ")[1].split(":")[0])
+        assert (workdir / "checkpoints" / str(stopped) / "state").is_dir()
 
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
