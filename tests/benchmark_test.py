@@ -35,12 +35,6 @@ def _run(*args, pythonpath=REPO):
 
 
 @pytest.fixture(scope="module")
-def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir):
-    """Config overrides pointing at the real CamVid, prepared once for the session."""
-    return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_flags):
     """One float32 run of every mode; returns (completed process, parsed JSON report)."""
     output = tmp_path_factory.mktemp("benchmark") / "tiny.json"

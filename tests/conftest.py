@@ -85,3 +85,9 @@ def real_tfds_dir(tmp_path_factory) -> pathlib.Path:
 def real_camvid_builder(real_camvid_dir, real_tfds_dir) -> camvid.CamVid:
     """The real CamVid prepared once per test session into a temporary TFDS data_dir."""
     return camvid.get_builder(str(real_camvid_dir), data_dir=str(real_tfds_dir))
+
+
+@pytest.fixture(scope="session")
+def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir) -> list[str]:
+    """Command-line config overrides pointing an entry point at the session's prepared real CamVid."""
+    return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]

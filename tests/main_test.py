@@ -29,12 +29,6 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir):
-    """Config overrides pointing at the real CamVid, prepared once for the session."""
-    return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_flags):
     """An uninterrupted tiny run, started with no --workdir from an empty directory."""
     cwd = tmp_path_factory.mktemp("cwd")
