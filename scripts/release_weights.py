@@ -92,7 +92,7 @@ def plot_examples(segmenter, builder, count: int, path: str) -> None:
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
