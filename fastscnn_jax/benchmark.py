@@ -216,12 +216,7 @@ class JaxRunner:
         self.infer = jax.jit(functools.partial(model.apply, train=False))
         # Uniform class weights cost what the config's real ones cost without reading the dataset.
         weights = None if config.class_weighting == "none" else jnp.ones(config.num_classes, jnp.float32)
-        self.train_step = jax.jit(
-            functools.partial(train.train_step, config=config, weights=weights, dropout_rng=dropout_rng),
-            in_shardings=(self.replicated, NamedSharding(self.mesh, P("data"))),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
-        )
+        self.train_step = train.make_train_step(config, weights, dropout_rng, self.mesh)
         self.shard_batch = functools.partial(train.shard_batch, mesh=self.mesh)
 
     def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:

@@ -253,6 +253,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def make_train_step(config: ml_collections.ConfigDict, weights, dropout_rng: jax.Array, mesh: Mesh):
+    """`train_step` jit-compiled for the mesh (state replicated and donated, batch sharded)."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        functools.partial(train_step, config=config, weights=weights, dropout_rng=dropout_rng),
+        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
 def make_eval_step(model: models.FastSCNN, config: ml_collections.ConfigDict, mesh: Mesh):
     """`eval_step` jit-compiled for the mesh (variables replicated, batch sharded)."""
     return jax.jit(
@@ -383,16 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
-    p_train_step = jax.jit(
-        functools.partial(
-            train_step,
-            config=config,
-            weights=None if weights is None else jnp.asarray(weights),
-            dropout_rng=dropout_rng,
-        ),
-        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    p_train_step = make_train_step(
+        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh
     )
     p_eval_step = make_eval_step(model, config, mesh)
     local_batch = config.batch_size // jax.process_count()
