@@ -7,6 +7,11 @@ The modules know nothing of configs or losses; `train.create_model` builds them 
 Resizing and adaptive pooling are written as matrix products with interpolation / pooling matrices that are
 computed with numpy from the static shapes at trace time. Unlike `jax.image.resize`, this form lowers to plain
 dot products, which the TFLite and ONNX converters accept, and it works for any input size.
+
+`FastSCNN(torch_compat=True)` is the same network with the conventions of the widely used PyTorch port
+(Tramac's Fast-SCNN-pytorch), so that its weights can be imported (`fastscnn_jax.convert_torch`): bilinear
+resizing with `align_corners=True`, an unpadded first convolution, and biases on the feature-fusion 1x1
+convolutions. The default (`False`) network is unchanged by it.
 """
 
 from collections.abc import Sequence
@@ -28,13 +33,32 @@ DEPTHWISE_IMPLS = ("auto", "shifted", "lax")
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """[out_size, in_size] bilinear weights, half-pixel centres (PyTorch `align_corners=False`)."""
+def interpolation_matrix(out_size: int, in_size: int, align_corners: bool = False) -> np.ndarray:
+    """[out_size, in_size] bilinear weights, half-pixel centres (PyTorch `align_corners=False`).
+
+    With `align_corners`, PyTorch's `align_corners=True` instead: the corner pixels of input and output are
+    aligned, output pixel i samples input position i * (in - 1) / (out - 1) (0 when out is 1).
+    """
+    if align_corners:
+        return _align_corners_matrix(out_size, in_size)
     scale = in_size / out_size
     src = np.clip((np.arange(out_size) + 0.5) * scale - 0.5, 0.0, in_size - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, in_size - 1)
     frac = (src - lo).astype(np.float32)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    return matrix
+
+
+def _align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """Bilinear weights with `align_corners=True`, source positions in float32 as PyTorch computes them."""
+    scale = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0.0)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo.astype(np.float32)
     matrix = np.zeros((out_size, in_size), np.float32)
     np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
     np.add.at(matrix, (np.arange(out_size), hi), frac)
@@ -57,13 +81,15 @@ def _separable_apply(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Ar
     return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, x.dtype), x)
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Bilinear resize of NHWC `x` to `size` (height, width)."""
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+    """Bilinear resize of NHWC `x` to `size` (height, width); `align_corners` as in PyTorch."""
     height, width = size
     if (height, width) == x.shape[1:3]:
         return x
     return _separable_apply(
-        x, interpolation_matrix(height, x.shape[1]), interpolation_matrix(width, x.shape[2])
+        x,
+        interpolation_matrix(height, x.shape[1], align_corners),
+        interpolation_matrix(width, x.shape[2], align_corners),
     )
 
 
@@ -140,6 +166,8 @@ class ConvBN(nn.Module):
     relu: bool = True
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
+    padding: int | None = None  # of the regular conv; None: kernel_size // 2 ("same" at stride 1)
+    use_bias: bool = False  # of the regular conv (BN follows, so only imported weights need one)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -147,13 +175,13 @@ class ConvBN(nn.Module):
         if self.features is None:
             x = DepthwiseConv3x3(self.stride, self.depthwise_impl, self.dtype)(x)
         else:
-            pad = self.kernel_size // 2
+            pad = self.kernel_size // 2 if self.padding is None else self.padding
             x = nn.Conv(
                 self.features,
                 (self.kernel_size, self.kernel_size),
                 strides=self.stride,
                 padding=((pad, pad), (pad, pad)),
-                use_bias=False,
+                use_bias=self.use_bias,
                 kernel_init=_conv_init,
                 dtype=self.dtype,
             )(x)
@@ -202,6 +230,7 @@ class PyramidPooling(nn.Module):
     features: int
     bins: Sequence[int] = (1, 2, 3, 6)
     dtype: Any = jnp.float32
+    align_corners: bool = False  # of the upsampling
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -211,7 +240,7 @@ class PyramidPooling(nn.Module):
         for bins in self.bins:
             y = adaptive_avg_pool(x, bins)
             y = ConvBN(x.shape[-1] // 4, 1, dtype=self.dtype)(y, train)
-            branches.append(resize_bilinear(y, size))
+            branches.append(resize_bilinear(y, size, self.align_corners))
         return ConvBN(self.features, 1, dtype=self.dtype)(jnp.concatenate(branches, -1), train)
 
 
@@ -221,11 +250,12 @@ class LearningToDownsample(nn.Module):
     channels: Sequence[int] = (32, 48, 64)
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
+    stem_padding: int | None = None  # of the first conv; None: 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Returns the 1/8-resolution features shared by both branches."""
-        x = ConvBN(self.channels[0], 3, 2, dtype=self.dtype)(x, train)
+        x = ConvBN(self.channels[0], 3, 2, dtype=self.dtype, padding=self.stem_padding)(x, train)
         x = DSConv(self.channels[1], 2, self.depthwise_impl, self.dtype)(x, train)
         return DSConv(self.channels[2], 2, self.depthwise_impl, self.dtype)(x, train)
 
@@ -241,6 +271,7 @@ class GlobalFeatureExtractor(nn.Module):
     ppm_bins: Sequence[int] = (1, 2, 3, 6)
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
+    align_corners: bool = False  # of the pyramid pooling's upsampling
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -250,7 +281,7 @@ class GlobalFeatureExtractor(nn.Module):
                 x = InvertedResidual(
                     features, stride if i == 0 else 1, self.expansion, self.depthwise_impl, self.dtype
                 )(x, train)
-        return PyramidPooling(self.out_features, self.ppm_bins, self.dtype)(x, train)
+        return PyramidPooling(self.out_features, self.ppm_bins, self.dtype, self.align_corners)(x, train)
 
 
 class FeatureFusion(nn.Module):
@@ -259,14 +290,16 @@ class FeatureFusion(nn.Module):
     features: int = 128
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
+    align_corners: bool = False  # of the upsampling of `low`
+    conv_bias: bool = False  # biases on the two 1x1 convolutions
 
     @nn.compact
     def __call__(self, high: jax.Array, low: jax.Array, train: bool) -> jax.Array:
         """Fuses the 1/8 (`high`) and 1/32 (`low`) branches at 1/8 resolution."""
-        low = resize_bilinear(low, high.shape[1:3])
+        low = resize_bilinear(low, high.shape[1:3], self.align_corners)
         low = ConvBN(None, 3, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(low, train)
-        low = ConvBN(self.features, 1, relu=False, dtype=self.dtype)(low, train)
-        high = ConvBN(self.features, 1, relu=False, dtype=self.dtype)(high, train)
+        low = ConvBN(self.features, 1, relu=False, dtype=self.dtype, use_bias=self.conv_bias)(low, train)
+        high = ConvBN(self.features, 1, relu=False, dtype=self.dtype, use_bias=self.conv_bias)(high, train)
         return nn.relu(high + low)
 
 
@@ -309,6 +342,14 @@ class FastSCNN(nn.Module):
 
     With `aux_head` and `train=True`, the auxiliary logits (also at input size) are sown into the
     `intermediates` collection under `aux_logits`.
+
+    `torch_compat=True` follows Tramac's Fast-SCNN-pytorch, layer for layer, for weights imported by
+    `fastscnn_jax.convert_torch`: every bilinear resize (pyramid pooling, feature fusion, logits, aux
+    logits) uses `align_corners=True`, the first 3x3 stride-2 convolution has no padding, and the two
+    feature-fusion 1x1 convolutions have biases. Input stays raw RGB 0..255 normalised inside with the
+    ImageNet statistics, which is what that port's `ToTensor` + `Normalize` computes. Where that port runs
+    (heights and widths that are multiples of 32) the logits are the same; other sizes work here too, the
+    1/32 branch being resized to the 1/8 branch's size.
     """
 
     num_classes: int
@@ -319,6 +360,7 @@ class FastSCNN(nn.Module):
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    torch_compat: bool = False  # Tramac's PyTorch conventions (see above) for imported weights
 
     def _ch(self, channels: int) -> int:
         """Scales a channel count by `width` (at least 8)."""
@@ -331,17 +373,25 @@ class FastSCNN(nn.Module):
         x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
         x = x.astype(self.dtype)
         impl = self.depthwise_impl
+        compat = self.torch_compat
         high = LearningToDownsample(
-            tuple(self._ch(c) for c in (32, 48, 64)), impl, self.dtype, name="learning_to_downsample"
+            tuple(self._ch(c) for c in (32, 48, 64)),
+            impl,
+            self.dtype,
+            stem_padding=0 if compat else None,
+            name="learning_to_downsample",
         )(x, train)
         low = GlobalFeatureExtractor(
             tuple(self._ch(c) for c in (64, 96, 128)),
             out_features=self._ch(128),
             depthwise_impl=impl,
             dtype=self.dtype,
+            align_corners=compat,
             name="global_feature_extractor",
         )(high, train)
-        fused = FeatureFusion(self._ch(128), impl, self.dtype, name="feature_fusion")(high, low, train)
+        fused = FeatureFusion(
+            self._ch(128), impl, self.dtype, align_corners=compat, conv_bias=compat, name="feature_fusion"
+        )(high, low, train)
         logits = Classifier(
             self.num_classes, self._ch(128), self.dropout_rate, impl, self.dtype, name="classifier"
         )(fused, train)
@@ -349,5 +399,6 @@ class FastSCNN(nn.Module):
             aux = AuxHead(self.num_classes, self._ch(32), self.dropout_rate, self.dtype, name="aux_head")(
                 high, train
             )
-            self.sow("intermediates", "aux_logits", resize_bilinear(aux, size).astype(jnp.float32))
-        return resize_bilinear(logits, size).astype(jnp.float32)
+            aux = resize_bilinear(aux, size, compat)
+            self.sow("intermediates", "aux_logits", aux.astype(jnp.float32))
+        return resize_bilinear(logits, size, compat).astype(jnp.float32)
