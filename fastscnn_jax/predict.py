@@ -6,7 +6,9 @@ r"""Segments photos with a trained Fast-SCNN; by default the CamVid weights ship
 For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color.png` (CamVid palette) and
 `<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png` once.
 Any size and mode is accepted (RGB, RGBA, grayscale, palette, 16-bit, JPEG with EXIF orientation); files that
-are not images are skipped with a message and the rest are still processed.
+are not images are skipped with a message and the rest are still processed. Files are identified by their
+content, not their extension, and only common raster formats are decoded (`camvid.IMAGE_FORMATS`); an image of
+more than PIL's `Image.MAX_IMAGE_PIXELS` pixels (89.5 million) is skipped before it is decoded.
 """
 
 import glob
@@ -44,8 +46,13 @@ def load_rgb(path: str) -> np.ndarray:
     """Decodes any image as uint8 RGB [H, W, 3], upright per its EXIF orientation.
 
     16-bit and 32-bit grayscale are scaled to 8 bits by their type's range; alpha is dropped.
+
+    Raises:
+      PIL.UnidentifiedImageError: not an image of `camvid.IMAGE_FORMATS` (whatever the extension says).
+      PIL.Image.DecompressionBombError: more than `Image.MAX_IMAGE_PIXELS` pixels; nothing is decoded.
+      OSError: unreadable, truncated or corrupt file.
     """
-    with Image.open(path) as image:
+    with camvid.open_image(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, np.float64)
@@ -126,7 +133,11 @@ def predict_files(
     for path in paths:
         try:
             image = load_rgb(path)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            skipped.append(f"{path}: too large to decode safely ({e})")
+            print(f"skipped {skipped[-1]}", file=sys.stderr)
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
             skipped.append(f"{path}: not a readable image ({e})")
             print(f"skipped {skipped[-1]}", file=sys.stderr)
             continue
