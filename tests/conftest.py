@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -101,3 +104,30 @@ def real_camvid_builder(real_camvid_dir, real_tfds_dir) -> camvid.CamVid:
 def data_flags(real_camvid_builder, real_camvid_dir, real_tfds_dir) -> list[str]:
     """Command-line config overrides pointing an entry point at the session's prepared real CamVid."""
     return [f"--config.dataset_dir={real_camvid_dir}", f"--config.tfds_data_dir={real_tfds_dir}"]
+
+
+@pytest.fixture
+def http_dir(tmp_path, monkeypatch):
+    """(folder, base URL) of a local HTTP server serving that folder; shut down afterwards."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # A CI proxy must not intercept the local server.
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        """Serves files without logging every request."""
+
+        def log_message(self, *args):
+            """Drops the access log."""
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder)
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
