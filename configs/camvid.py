@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.aux_head = True
     config.model.depthwise_impl = "auto"  # 'shifted' on CPU, lax grouped conv elsewhere
     config.model.dtype = "float32"
+    # True reproduces Tramac's Fast-SCNN-pytorch (align_corners resizes, unpadded stem, fusion biases): for
+    # weights imported with `python -m fastscnn_jax.convert_torch`.
+    config.model.torch_compat = False
 
     # Loss.
     config.class_weighting = "enet"  # 'none' | 'enet' | 'median_frequency'

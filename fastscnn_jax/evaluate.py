@@ -38,6 +38,11 @@ def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
     train.validate_config(config)
     variables, meta = checkpointing.load_variables(checkpoint)
     if meta.get("model"):
+        # The checkpoint fixes the architecture (e.g. imported PyTorch weights); the config the evaluation.
+        config = config.copy_and_resolve_references()
+        for key in ("width", "aux_head", "torch_compat"):
+            if key in meta["model"]:
+                config.model[key] = meta["model"][key]
         train.check_compatible(meta["model"], config, checkpoint)
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
     mesh = train.create_mesh()

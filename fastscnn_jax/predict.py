@@ -102,7 +102,11 @@ class Segmenter:
         if not settings:
             raise ValueError(f"{checkpoint} has no model settings in its metadata; cannot build the model")
         self.num_classes = settings["num_classes"]
-        model = models.FastSCNN(num_classes=self.num_classes, width=settings["width"])
+        model = models.FastSCNN(
+            num_classes=self.num_classes,
+            width=settings["width"],
+            torch_compat=settings.get("torch_compat", False),
+        )
         self._classes = jax.jit(
             lambda variables, images: jnp.argmax(model.apply(variables, images, train=False), -1).astype(
                 jnp.uint8

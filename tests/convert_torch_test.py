@@ -321,3 +321,23 @@ def test_resize_align_corners_equals_pytorch(src, dst):
     )
     out = models.resize_bilinear(x, dst, align_corners=True)
     np.testing.assert_allclose(out, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_and_evaluate_build_the_imported_network(tramac, converted, real_camvid_dir, real_tfds_dir):
+    """predict's Segmenter and evaluate's config follow the file's settings (torch_compat), not the defaults."""
+    from configs import tiny
+    from fastscnn_jax import evaluate, predict
+
+    _, output = converted
+    image = np.random.default_rng(1).integers(0, 256, (1, *SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        reference, _ = tramac(_normalise(image))
+    expected = reference.argmax(1)[0].numpy()
+    mask = predict.Segmenter(str(output))(image[0], max_side=max(SIZE))
+    assert (mask == expected).mean() > 0.999
+
+    config = tiny.get_config()
+    config.dataset_dir, config.tfds_data_dir = str(real_camvid_dir), str(real_tfds_dir)
+    config.eval_batch_size = 8
+    scores = evaluate.evaluate_checkpoint(config, str(output), "val")  # width 0.25 in tiny: taken from the file
+    assert 0 <= scores["miou"] <= 1 and np.asarray(scores["confusion_matrix"]).sum() > 0.9 * 101 * 360 * 480
