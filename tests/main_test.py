@@ -28,20 +28,47 @@ def _env():
     return {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+_SESSION: dict = {}
+
+
+def compile_cache_env(tmp_path_factory) -> dict:
+    """`_env()` plus a persistent JAX compilation cache shared by this session's runs.
+
+    A run that finds its programs there skips about a minute of compiling on 2 CPU cores; the executables are
+    the same, so the results are bit-equal (the resume tests below compare against a run that wrote it).
+    """
+    if "cache" not in _SESSION:
+        _SESSION["cache"] = tmp_path_factory.mktemp("jax_cache")
+    return {
+        **_env(),
+        "JAX_COMPILATION_CACHE_DIR": str(_SESSION["cache"]),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def uninterrupted_run(tmp_path_factory, data_flags):
+    """(workdir, CompletedProcess) of an uninterrupted tiny run started with no --workdir from an empty
+    directory; run once per session (tests/faults_test.py compares against it too)."""
+    if "trained" not in _SESSION:
+        cwd = tmp_path_factory.mktemp("cwd")
+        result = subprocess.run(
+            _command("main", data_flags=data_flags),
+            cwd=cwd,
+            env=compile_cache_env(tmp_path_factory),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        _SESSION["trained"] = (cwd / "runs" / "tiny", result)
+    return _SESSION["trained"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_flags):
     """An uninterrupted tiny run, started with no --workdir from an empty directory."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    result = subprocess.run(
-        _command("main", data_flags=data_flags),
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return cwd / "runs" / "tiny", result
+    return uninterrupted_run(tmp_path_factory, data_flags)
 
 
 def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):

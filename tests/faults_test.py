@@ -1,0 +1,300 @@
+"""Faults while training: kill -9 in the middle of a checkpoint save, and damaged checkpoints.
+
+The end-to-end tests run the real command on the real CamVid with configs/tiny.py (a checkpoint every 2 of
+10 steps, 2 kept) and compare final parameters with the uninterrupted run of tests/main_test.py, sharing its
+JAX compilation cache so that each run here skips the compiling.
+"""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastscnn_jax import checkpointing
+from tests.main_test import TINY, _command, compile_cache_env, uninterrupted_run
+
+# Runs `python -m fastscnn_jax.main` with orbax's commit of one checkpoint item held up: a test-only hook, so
+# that the test can kill the process while that save is in progress. Production code has no such hook.
+DRIVER = '''\
+"""fastscnn_jax.main with the save of $HOLD_SAVE_OF held, after its files are written, before its commit."""
+import os
+import pathlib
+import runpy
+import time
+
+from orbax.checkpoint._src.path import atomicity
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+
+async def held_finalize(self):
+    if str(self.get_final()) == os.environ["HOLD_SAVE_OF"]:
+        pathlib.Path(os.environ["HOLD_MARKER"]).touch()
+        time.sleep(600)
+    await finalize(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+runpy.run_module("fastscnn_jax.main", run_name="__main__")
+'''
+
+FINAL = 10  # configs/tiny.py: num_train_steps
+
+
+def _steps(workdir) -> list[int]:
+    """Complete checkpoint steps of a workdir, oldest first."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_same_variables(step_dir, reference_dir):
+    """The params and batch_stats of two checkpoint folders are bit-equal."""
+    got, _ = checkpointing.load_variables(str(step_dir))
+    want, _ = checkpointing.load_variables(str(reference_dir))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _truncate_state(step_dir):
+    """Cuts the largest array-data file of a checkpoint's state in half; returns it."""
+    path = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _run_main(workdir, data_flags, tmp_path_factory):
+    """The normal training command on `workdir`, to completion."""
+    return subprocess.run(
+        _command("main", f"--workdir={workdir}", data_flags=data_flags),
+        env=compile_cache_env(tmp_path_factory),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def killed_mid_save(tmp_path_factory, data_flags):
+    """A run killed (-9) while saving step 6, then resumed by the normal command to the end.
+
+    Returns (workdir, complete steps and partial folders at the kill, CompletedProcess of the resume).
+    """
+    uninterrupted_run(tmp_path_factory, data_flags)  # fills the compilation cache first
+    root = tmp_path_factory.mktemp("killed_mid_save")
+    workdir = root / "run"
+    (root / "driver.py").write_text(DRIVER)
+    marker = root / "save_in_progress"
+    partial_item = workdir / "checkpoints" / f"6{checkpointing.PARTIAL_MARK}" / "state"
+    env = {
+        **compile_cache_env(tmp_path_factory),
+        "HOLD_SAVE_OF": str(partial_item),
+        "HOLD_MARKER": str(marker),
+    }
+    with open(root / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(root / "driver.py"),
+                f"--config={TINY}",
+                *data_flags,
+                f"--workdir={workdir}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        deadline = time.time() + 400
+        while not marker.exists():
+            assert process.poll() is None, (root / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "the save of step 6 never started"
+            time.sleep(0.05)
+        steps_at_kill = _steps(workdir)
+        partial_at_kill = sorted(
+            p.name for p in (workdir / "checkpoints").glob(f"*{checkpointing.PARTIAL_MARK}*")
+        )
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, data_flags, tmp_path_factory)
+
+
+def test_kill_during_save_resumes_from_the_previous_checkpoint(killed_mid_save, tmp_path_factory, data_flags):
+    """kill -9 while step 6 is being written: the rerun ignores the partial save, says so, resumes from step 4
+    and ends with the parameters of the uninterrupted run."""
+    workdir, steps_at_kill, partial_at_kill, result = killed_mid_save
+    assert steps_at_kill == [2, 4]
+    assert partial_at_kill == [f"6{checkpointing.PARTIAL_MARK}"]
+    assert result.returncode == 0, result.stderr[-4000:]
+    partial = workdir / "checkpoints" / f"6{checkpointing.PARTIAL_MARK}"
+    assert (
+        f"Ignoring partial checkpoint {partial} (a save that never completed: the process was killed while "
+        "saving); resuming from step 4, the newest complete checkpoint." in result.stderr
+    ), result.stderr[-4000:]
+    assert "Resuming from step 4" in result.stderr
+    assert not list(workdir.rglob(f"*{checkpointing.PARTIAL_MARK}*"))
+    assert _steps(workdir) == [8, FINAL]
+    reference = uninterrupted_run(tmp_path_factory, data_flags)[0]
+    _assert_same_variables(workdir / "checkpoints" / str(FINAL), reference / "checkpoints" / str(FINAL))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
+    killed_mid_save, tmp_path, tmp_path_factory, data_flags
+):
+    """A truncated file in the newest step (10): the rerun names it and why, moves it aside, resumes from
+    step 8 and reaches step 10 again with the uninterrupted run's parameters (the best checkpoint of step 10,
+    saved again after the same evaluation, is replaced)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(killed_mid_save[0], workdir)
+    _truncate_state(workdir / "checkpoints" / str(FINAL))
+    result = _run_main(workdir, data_flags, tmp_path_factory)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (
+        f"Checkpoint step {FINAL} in {workdir / 'checkpoints'} does not restore; skipping it."
+        in result.stderr
+    )
+    moved = workdir / checkpointing.CORRUPT_DIR / str(FINAL)
+    assert (
+        f"Moved checkpoint step {FINAL}, which does not restore, to {moved}; resuming from step 8."
+        in result.stderr
+    )
+    assert "Resuming from step 8" in result.stderr
+    assert f"Replacing checkpoint step {FINAL} in {workdir / 'best'}" in result.stderr
+    assert (moved / "state").is_dir() and _steps(workdir) == [8, FINAL]
+    reference = uninterrupted_run(tmp_path_factory, data_flags)[0]
+    _assert_same_variables(workdir / "checkpoints" / str(FINAL), reference / "checkpoints" / str(FINAL))
+    _assert_same_variables(workdir / "best" / str(FINAL), reference / "best" / str(FINAL))
+
+
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(
+    killed_mid_save, tmp_path, tmp_path_factory, data_flags
+):
+    """Every checkpoint damaged: the command fails naming each step and why, and changes nothing."""
+    workdir = tmp_path / "run"
+    shutil.copytree(killed_mid_save[0], workdir)
+    for step in (8, FINAL):
+        _truncate_state(workdir / "checkpoints" / str(step))
+    result = _run_main(workdir, data_flags, tmp_path_factory)
+    assert result.returncode != 0
+    assert "CheckpointError" in result.stderr, result.stderr[-4000:]
+    assert f"{workdir / 'checkpoints'} holds checkpoints (steps 10, 8) but none restores" in result.stderr
+    assert "did not start from scratch" in result.stderr
+    assert _steps(workdir) == [8, FINAL] and not (workdir / checkpointing.CORRUPT_DIR).exists()
+
+
+# In-process checks of `Checkpoints` on a small state, one per kind of damage.
+
+
+def _small_state(step: int) -> dict:
+    """A small pytree standing in for a training state, different at each step."""
+    return {
+        "params": {"w": jnp.arange(600.0).reshape(20, 30) + step},
+        "batch_stats": {"mean": jnp.full((3,), float(step))},
+        "step": jnp.int32(step),
+    }
+
+
+def _delete_manifest(step_dir):
+    """Deletes the OCDBT manifest of the state."""
+    (step_dir / "state" / "manifest.ocdbt").unlink()
+
+
+def _flip_a_byte(step_dir):
+    """Flips one byte in the middle of the state's array data: orbax reads it back without error."""
+    path = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate_meta(step_dir):
+    """Cuts the JSON metadata in half."""
+    path = step_dir / "meta" / "metadata"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# A failed restore leaves a tensorstore callback for orbax's closed event loop ("Event loop is closed").
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (_truncate_state, "Requested byte range"),
+        (_delete_manifest, "NOT_FOUND"),
+        (_flip_a_byte, "the state read back has SHA-256"),
+        (_truncate_meta, "JSONDecodeError"),
+    ],
+    ids=["truncated-data", "deleted-file", "flipped-byte", "truncated-meta"],
+)
+def test_restore_skips_a_damaged_step(tmp_path, caplog, damage, why):
+    """The newest step damaged: metadata and state come from the step before, the warning says why, the
+    damaged step is moved aside and can be saved again."""
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    for step in (2, 4):
+        checkpoints.save_state(step, _small_state(step), {"step": step})
+    checkpoints.close()
+    damage(tmp_path / "checkpoints" / "4")
+
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    assert checkpoints.latest_step() == 4
+    assert checkpoints.latest_meta()["step"] in (2, 4)  # the metadata of step 4 may be intact
+    state, meta = checkpoints.restore_state(_small_state(0))
+    assert meta == {"step": 2}
+    jax.tree.map(np.testing.assert_array_equal, state, _small_state(2))
+    assert why in checkpoints.bad_steps[4]
+    assert f"Checkpoint step 4 in {tmp_path / 'checkpoints'} does not restore; skipping it. " in caplog.text
+    assert why in caplog.text
+    assert (tmp_path / checkpointing.CORRUPT_DIR / "4" / "state").is_dir()
+    assert checkpoints.latest_step() == 2
+    checkpoints.save_state(4, _small_state(4), {"step": 4})
+    checkpoints.close()
+    state, meta = checkpointing.Checkpoints(str(tmp_path)).restore_state(_small_state(0))
+    assert meta == {"step": 4}
+    jax.tree.map(np.testing.assert_array_equal, state, _small_state(4))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_nothing_restores_is_an_error_that_changes_nothing(tmp_path):
+    """Every step damaged: CheckpointError naming each step and why; no folder moved."""
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    for step in (2, 4):
+        checkpoints.save_state(step, _small_state(step), {"step": step})
+    checkpoints.close()
+    _flip_a_byte(tmp_path / "checkpoints" / "4")
+    _delete_manifest(tmp_path / "checkpoints" / "2")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"steps 4, 2\) but none restores \(step 4: .*SHA-256"
+    ):
+        checkpointing.Checkpoints(str(tmp_path)).restore_state(_small_state(0))
+    _truncate_meta(tmp_path / "checkpoints" / "4")
+    _truncate_meta(tmp_path / "checkpoints" / "2")
+    with pytest.raises(checkpointing.CheckpointError, match="step 2: JSONDecodeError"):
+        checkpointing.Checkpoints(str(tmp_path)).latest_meta()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_partial_first_save_is_reported_and_replaced(tmp_path, caplog):
+    """A run killed during its first save: no checkpoint, a warning naming the partial folder, and the next
+    save of that step succeeds."""
+    partial = tmp_path / "checkpoints" / f"2{checkpointing.PARTIAL_MARK}"
+    (partial / "state").mkdir(parents=True)
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    assert checkpoints.latest_step() is None and checkpoints.latest_meta() is None
+    assert f"Ignoring partial checkpoint {partial}" in caplog.text and "starts from step 0" in caplog.text
+    checkpoints.save_state(2, _small_state(2), {"step": 2})
+    assert checkpoints.latest_step() == 2 and not partial.exists()
+    checkpoints.close()
+
+
+def test_best_saved_again_at_the_same_step_is_replaced(tmp_path, caplog):
+    """A resumed run that evaluates a step again replaces that step's best checkpoint instead of failing."""
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    checkpoints.save_best(4, _small_state(4), {"step": 4, "scores": {"miou": 0.1}})
+    checkpoints.save_best(4, _small_state(5), {"step": 4, "scores": {"miou": 0.2}})
+    checkpoints.close()
+    assert f"Replacing checkpoint step 4 in {tmp_path / 'best'}" in caplog.text
+    variables, meta = checkpointing.load_variables(str(tmp_path))
+    np.testing.assert_array_equal(variables["params"]["w"], _small_state(5)["params"]["w"])
+    assert meta["scores"]["miou"] == 0.2
