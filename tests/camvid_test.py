@@ -178,6 +178,15 @@ def _bad_mask_values(root):
     return path
 
 
+def _mask_value_12(root):
+    """Writes 12, one above void (11), into a corner of train mask 2."""
+    path = root / "trainannot" / "0001TP_train0002.png"
+    mask = np.asarray(Image.open(path)).copy()
+    mask[-1, -1] = camvid.IGNORE_LABEL + 1
+    Image.fromarray(mask).save(path)
+    return path
+
+
 def _wrong_size(root):
     """Replaces val image 0 by a 10x10 one."""
     path = root / "val" / "0001TP_val0000.png"
@@ -190,6 +199,13 @@ def _image_without_mask(root):
     (root / "train.txt").unlink()
     (root / "trainannot" / "0001TP_train0002.png").unlink()
     return root / "train" / "0001TP_train0002.png"
+
+
+def _mask_without_image(root):
+    """Drops an image in a folder without list files."""
+    (root / "val.txt").unlink()
+    (root / "val" / "0001TP_val0001.png").unlink()
+    return root / "valannot" / "0001TP_val0001.png"
 
 
 def _list_names_missing_file(root):
@@ -210,8 +226,10 @@ def _empty_split(root):
     [
         _truncate_image,
         _bad_mask_values,
+        _mask_value_12,
         _wrong_size,
         _image_without_mask,
+        _mask_without_image,
         _list_names_missing_file,
         _empty_split,
     ],
