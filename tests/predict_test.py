@@ -124,3 +124,42 @@ def test_cli_glob_and_missing_input(tmp_path, weights_file):
         f"--input={tmp_path}/none*.png", f"--output={tmp_path}/out2", f"--checkpoint={weights_file[0]}"
     )
     assert result.returncode != 0 and "no file matches" in result.stderr and "Traceback" not in result.stderr
+
+
+# Runs the predict command and reports the process's peak resident memory on exit.
+PEAK_RSS_SCRIPT = (
+    "import atexit, resource, runpy, sys; atexit.register(lambda: print('peak_rss_kib', "
+    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+    "runpy.run_module('fastscnn_jax.predict', run_name='__main__')"
+)
+
+
+def test_24_megapixel_photo_is_segmented_at_max_side_in_bounded_memory(tmp_path, weights_file):
+    """A 4000x6000 JPEG through the command line at the default --max_side (2048): outputs at 4000x6000,
+    and the process (on CPU) peaks under 3 GiB; most of that is full-size image arrays, the network sees
+    1365x2048."""
+    rows = (np.arange(4000) // 5 % 256).astype(np.uint8)[:, None]
+    cols = (np.arange(6000) // 7 % 256).astype(np.uint8)[None, :]
+    image = np.stack(np.broadcast_arrays(rows, cols, rows ^ cols), axis=-1)
+    Image.fromarray(image).save(tmp_path / "big.jpg", quality=90)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK_RSS_SCRIPT,
+            f"--input={tmp_path / 'big.jpg'}",
+            f"--output={tmp_path / 'out'}",
+            f"--checkpoint={weights_file[0]}",
+        ],
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 image(s) segmented" in result.stdout
+    for kind in ("mask", "color", "overlay"):
+        with Image.open(tmp_path / "out" / f"big_{kind}.png") as out:
+            assert out.size == (6000, 4000), kind
+    peak_gib = int(result.stderr.split("peak_rss_kib ")[1].split()[0]) / 2**20
+    assert peak_gib < 3.0, f"peak resident memory {peak_gib:.2f} GiB"
