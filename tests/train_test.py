@@ -126,6 +126,33 @@ def test_validate_config_names_the_key(key, value, pattern):
         train.validate_config(config)
 
 
+def test_batch_size_not_divisible_by_the_devices_is_named(tmp_path):
+    """On 4 (fake CPU) devices, `--config.batch_size=6` stops the command before any data is read, naming
+    the key, its value and the device count."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastscnn_jax.main",
+            f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+            "--config.batch_size=6",
+            "--config.dataset_dir=/nonexistent",
+            f"--workdir={tmp_path}",
+        ],
+        env={
+            **os.environ,
+            "PYTHONPATH": REPO,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "JAX_PLATFORMS": "cpu",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "config.batch_size=6 must be a positive multiple of the number of devices (4)" in result.stderr
+
+
 def test_learning_rate_is_one_cycle():
     """Warm-up to the peak, then decay towards the final fraction."""
     config = tiny.get_config()
