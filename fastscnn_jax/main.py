@@ -8,6 +8,7 @@ checkpoint.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +19,19 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, summaries and results; default runs/<config file name>.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
+# Multi-process jobs (multihost.py, README's Multi-host section): the same command on every host.
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Join a multi-process JAX job: auto = when the flags below or the environment (SLURM, Open MPI, "
+    "Cloud TPU, JAX_COORDINATOR_ADDRESS) say so; on = always (JAX detects the cluster); off = never.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (multi-process jobs).")
+flags.DEFINE_integer(
+    "num_processes", None, "Number of processes in the job (multi-process jobs).", lower_bound=1
+)
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (multi-process jobs).")
 
 
 def default_workdir(config_path: str) -> str:
@@ -31,7 +45,7 @@ class _QuietOrbax(logging.logging.Filter):
 
     def filter(self, record) -> bool:
         """Keeps warnings and everything not from orbax."""
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
@@ -39,20 +53,34 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_logger().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     import jax
     import tensorflow as tf
 
-    from fastscnn_jax import train
+    from fastscnn_jax import camvid, multihost, train
 
+    try:
+        multihost.initialize(
+            FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     # tf.data only: TensorFlow must not take GPU memory that JAX needs.
     tf.config.set_visible_devices([], "GPU")
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    if jax.process_index() == 0:
+        print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    else:
+        # Process 0 reports progress and scores for the whole job; the others speak only of problems.
+        logging.set_verbosity(logging.WARNING)
     logging.info(
         "JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices()
     )
-    train.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, workdir)
+    except (train.ConfigError, camvid.DatasetError) as e:
+        # Mistakes in the command, config or data: the message names the key or files; no traceback.
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

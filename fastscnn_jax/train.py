@@ -27,6 +27,10 @@ from fastscnn_jax import camvid, checkpointing, input_pipeline, metrics, models
 CLASS_WEIGHTINGS = ("none", "enet", "median_frequency")
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work, or a workdir made with another model; the message names the key."""
+
+
 class TrainState(train_state.TrainState):
     """TrainState with BatchNorm statistics."""
 
@@ -35,7 +39,16 @@ class TrainState(train_state.TrainState):
 
 def model_signature(config: ml_collections.ConfigDict) -> dict:
     """The config values that fix parameter shapes: a workdir made with others cannot be resumed."""
-    return {"num_classes": config.num_classes, "width": config.model.width, "aux_head": config.model.aux_head}
+    return {
+        "num_classes": config.num_classes,
+        "width": config.model.width,
+        "aux_head": config.model.aux_head,
+        "torch_compat": config.model.torch_compat,
+    }
+
+
+# Signature values of checkpoints written before a key existed.
+_SIGNATURE_DEFAULTS = {"torch_compat": False}
 
 
 def create_model(config: ml_collections.ConfigDict) -> models.FastSCNN:
@@ -47,6 +60,7 @@ def create_model(config: ml_collections.ConfigDict) -> models.FastSCNN:
         aux_head=config.model.aux_head,
         depthwise_impl=config.model.depthwise_impl,
         dtype=jnp.dtype(config.model.dtype),
+        torch_compat=config.model.torch_compat,
     )
 
 
@@ -293,39 +307,48 @@ def evaluate(
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the config key for values that cannot work."""
-    num_devices = jax.device_count()
+    """Raises ConfigError naming the config key for values that cannot work."""
+    num_devices, num_processes = jax.device_count(), jax.process_count()
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
-        if value <= 0 or value % num_devices:
-            raise ValueError(
+        if value <= 0 or value % num_processes:
+            raise ConfigError(
+                f"config.{key}={value} (global) must be a positive multiple of the number of processes "
+                f"({num_processes}): each process loads {key} / {num_processes} examples"
+            )
+        if value % num_devices:
+            raise ConfigError(
                 f"config.{key}={value} must be a positive multiple of the number of devices ({num_devices})"
             )
     if config.learning_rate <= 0:
-        raise ValueError(f"config.learning_rate={config.learning_rate} must be > 0")
+        raise ConfigError(f"config.learning_rate={config.learning_rate} must be > 0")
     if config.num_classes != camvid.NUM_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"config.num_classes={config.num_classes} does not match CamVid's {camvid.NUM_CLASSES} classes"
         )
     if config.ignore_label != camvid.IGNORE_LABEL:
-        raise ValueError(f"config.ignore_label={config.ignore_label} must be CamVid's {camvid.IGNORE_LABEL}")
+        raise ConfigError(f"config.ignore_label={config.ignore_label} must be CamVid's {camvid.IGNORE_LABEL}")
     if len(config.crop_size) != 2 or min(config.crop_size) < 1:
-        raise ValueError(f"config.crop_size={tuple(config.crop_size)} must be (height, width), both >= 1")
+        raise ConfigError(f"config.crop_size={tuple(config.crop_size)} must be (height, width), both >= 1")
     if not 0 < config.min_scale <= config.max_scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.min_scale/max_scale={config.min_scale}/{config.max_scale}: need 0 < min <= max"
         )
-    models.resolve_depthwise_impl(config.model.depthwise_impl)
-    class_weights(np.ones(1), config.class_weighting)
+    try:
+        models.resolve_depthwise_impl(config.model.depthwise_impl)
+        class_weights(np.ones(1), config.class_weighting)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises ValueError when a workdir's checkpoints were made with other parameter shapes."""
+    """Raises ConfigError when a workdir's checkpoints were made with other parameter shapes."""
     current = model_signature(config)
+    saved = {**_SIGNATURE_DEFAULTS, **saved}
     differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if differ:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(
+        raise ConfigError(
             f"workdir {workdir} holds checkpoints of an incompatible model ({detail}); "
             "use a new --workdir or the matching config"
         )
@@ -390,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Resuming from step %d (checkpoint in %s)", int(state.step), workdir)
     start_step = int(state.step)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    # Process 0 writes the job's summaries; the others' writer discards them.
+    writer = metric_writers.create_default_writer(workdir) if is_chief else metric_writers.MultiWriter([])
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
@@ -446,7 +470,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.eval_every_steps == 0 or is_last:
                 with report_progress.timed("eval"):
                     variables = {"params": state.params, "batch_stats": state.batch_stats}
-                    scores, _ = evaluate(p_eval_step, variables, builder, config.eval_split, config, mesh)
+                    scores, matrix = evaluate(
+                        p_eval_step, variables, builder, config.eval_split, config, mesh
+                    )
                 split = config.eval_split
                 writer.write_scalars(
                     step,
@@ -464,7 +490,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
                     if is_chief:
                         with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-                            json.dump(best_scores, f, indent=2)
+                            json.dump(
+                                {**best_scores, "confusion_matrix": np.asarray(matrix).astype(int).tolist()},
+                                f,
+                                indent=2,
+                            )
                 else:
                     meta["evals_since_best"] += 1
                 patience = config.early_stopping_patience
