@@ -324,7 +324,7 @@ def test_resize_align_corners_equals_pytorch(src, dst):
 
 
 def test_predict_and_evaluate_build_the_imported_network(tramac, converted, real_camvid_dir, real_tfds_dir):
-    """predict's Segmenter and evaluate's config follow the file's settings (torch_compat), not the defaults."""
+    """predict's Segmenter and evaluate follow the file's model settings (torch_compat), not the defaults."""
     from configs import tiny
     from fastscnn_jax import evaluate, predict
 
@@ -339,5 +339,6 @@ def test_predict_and_evaluate_build_the_imported_network(tramac, converted, real
     config = tiny.get_config()
     config.dataset_dir, config.tfds_data_dir = str(real_camvid_dir), str(real_tfds_dir)
     config.eval_batch_size = 8
-    scores = evaluate.evaluate_checkpoint(config, str(output), "val")  # width 0.25 in tiny: taken from the file
+    # tiny's width is 0.25: evaluate must take width and torch_compat from the file.
+    scores = evaluate.evaluate_checkpoint(config, str(output), "val")
     assert 0 <= scores["miou"] <= 1 and np.asarray(scores["confusion_matrix"]).sum() > 0.9 * 101 * 360 * 480
