@@ -127,6 +127,24 @@ class Segmenter:
         return mask
 
 
+def output_stems(paths: list[str]) -> list[str]:
+    """Output name stems, one per input, never two alike: the file name without its extension, with the
+    extension kept where that would collide (`a.png`, `a.jpg` -> `a_png`, `a_jpg`), then numbered."""
+    bare = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    stems = [
+        b if bare.count(b) == 1 else os.path.basename(p).replace(".", "_")
+        for b, p in zip(bare, paths, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    unique = []
+    for stem in stems:
+        if stems.count(stem) > 1:  # the same file name in two folders
+            seen[stem] = seen.get(stem, 0) + 1
+            stem = f"{stem}_{seen[stem]}"
+        unique.append(stem)
+    return unique
+
+
 def predict_files(
     paths: list[str], output: str, segmenter: Segmenter, max_side: int, alpha: float
 ) -> list[str]:
@@ -134,7 +152,7 @@ def predict_files(
     os.makedirs(output, exist_ok=True)
     legend(segmenter.num_classes).save(os.path.join(output, "legend.png"))
     skipped = []
-    for path in paths:
+    for path, name in zip(paths, output_stems(paths), strict=True):
         try:
             image = load_rgb(path)
         except Image.DecompressionBombError as e:
@@ -146,7 +164,7 @@ def predict_files(
             print(f"skipped {skipped[-1]}", file=sys.stderr)
             continue
         mask = segmenter(image, max_side)
-        stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.join(output, name)
         Image.fromarray(mask).save(f"{stem}_mask.png")
         Image.fromarray(colorize(mask)).save(f"{stem}_color.png")
         Image.fromarray(overlay(image, mask, alpha)).save(f"{stem}_overlay.png")

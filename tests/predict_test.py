@@ -163,3 +163,11 @@ def test_24_megapixel_photo_is_segmented_at_max_side_in_bounded_memory(tmp_path,
             assert out.size == (6000, 4000), kind
     peak_gib = int(result.stderr.split("peak_rss_kib ")[1].split()[0]) / 2**20
     assert peak_gib < 3.0, f"peak resident memory {peak_gib:.2f} GiB"
+
+
+def test_output_names_never_collide():
+    """Inputs that share a file-name stem (a.png and a.jpg, or x.png in two folders) get distinct outputs."""
+    paths = ["d/a.png", "d/a.jpg", "d/b.png", "e/x.png", "f/x.png", "d/c.tar.png"]
+    stems = predict.output_stems(paths)
+    assert stems == ["a_png", "a_jpg", "b", "x_png_1", "x_png_2", "c.tar"]
+    assert len(set(stems)) == len(stems)
