@@ -46,13 +46,14 @@ class CheckpointError(RuntimeError):
     """A workdir holds checkpoints, but none of them can be restored."""
 
 
-def tree_digest(tree: Any) -> str | None:
-    """SHA-256 of a pytree's leaves (path, dtype, shape, bytes), or None if a leaf is split over processes.
+def tree_digest(tree: Any) -> dict | None:
+    """SHA-256 digests of a pytree: `layout` of its leaves' paths, dtypes and shapes, `sha256` of those and
+    the leaves' bytes; None if a leaf is split over processes (no process holds all of it).
 
     orbax reads some damage back without error (a flipped bit inside a compressed chunk gives wrong values),
-    so the digest of the saved state is kept in its meta and checked on restore.
+    so the digest of a saved state is kept in its meta and checked on restore.
     """
-    digest = hashlib.sha256()
+    layout, values = hashlib.sha256(), hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if isinstance(leaf, jax.Array):
             if not leaf.is_fully_replicated:
@@ -61,9 +62,29 @@ def tree_digest(tree: Any) -> str | None:
                 leaf = jax.random.key_data(leaf)
             leaf = leaf.addressable_data(0)
         array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+        header = f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode()
+        layout.update(header)
+        values.update(header)
+        values.update(array.tobytes())
+    return {"layout": layout.hexdigest(), "sha256": values.hexdigest()}
+
+
+def _check_digest(saved: Any, state: Any) -> None:
+    """Raises ValueError if `state` differs from the state whose `tree_digest` is `saved`.
+
+    Not checked when the state was restored onto other dtypes or shapes than it was saved with (orbax casts
+    to the target's), or when either digest is missing (checkpoints written before digests were kept).
+    """
+    if (
+        not isinstance(saved, dict)
+        or (read := tree_digest(state)) is None
+        or read["layout"] != saved["layout"]
+    ):
+        return
+    if read["sha256"] != saved["sha256"]:
+        raise ValueError(
+            f"the state read back has SHA-256 {read['sha256']}, not the {saved['sha256']} saved with it"
+        )
 
 
 def _why(error: BaseException) -> str:
@@ -162,10 +183,7 @@ class Checkpoints:
                     ),
                 )
                 meta = dict(restored.meta)
-                saved = meta.pop(DIGEST_KEY, None)
-                read = tree_digest(restored.state) if saved is not None else None
-                if read is not None and read != saved:
-                    raise ValueError(f"the state read back has SHA-256 {read}, not the {saved} saved with it")
+                _check_digest(meta.pop(DIGEST_KEY, None), restored.state)
             except Exception as e:  # orbax and tensorstore raise many unrelated types on damaged files
                 self._mark_bad(step, e)
                 continue

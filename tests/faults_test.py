@@ -171,15 +171,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
 def test_no_restorable_checkpoint_stops_instead_of_starting_over(
     killed_mid_save, tmp_path, tmp_path_factory, data_flags
 ):
-    """Every checkpoint damaged: the command fails naming each step and why, and changes nothing."""
+    """Every checkpoint damaged (step 10: a flipped byte, caught by its SHA-256; step 8: a truncated file):
+    the command fails naming each step and why, and changes nothing."""
     workdir = tmp_path / "run"
     shutil.copytree(killed_mid_save[0], workdir)
-    for step in (8, FINAL):
-        _truncate_state(workdir / "checkpoints" / str(step))
+    _flip_a_byte(workdir / "checkpoints" / str(FINAL))
+    _truncate_state(workdir / "checkpoints" / "8")
     result = _run_main(workdir, data_flags, tmp_path_factory)
     assert result.returncode != 0
     assert "CheckpointError" in result.stderr, result.stderr[-4000:]
     assert f"{workdir / 'checkpoints'} holds checkpoints (steps 10, 8) but none restores" in result.stderr
+    assert "(step 10: ValueError: the state read back has SHA-256 " in result.stderr
+    assert "; step 8: ValueError: OUT_OF_RANGE: " in result.stderr
     assert "did not start from scratch" in result.stderr
     assert _steps(workdir) == [8, FINAL] and not (workdir / checkpointing.CORRUPT_DIR).exists()
 
@@ -273,6 +276,18 @@ def test_nothing_restores_is_an_error_that_changes_nothing(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="step 2: JSONDecodeError"):
         checkpointing.Checkpoints(str(tmp_path)).latest_meta()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_restore_onto_other_dtypes_is_not_a_checksum_error(tmp_path):
+    """A state restored onto a target of other dtypes (a Python int step, as an un-placed TrainState has) is
+    cast by orbax: not reported as damage."""
+    checkpoints = checkpointing.Checkpoints(str(tmp_path))
+    checkpoints.save_state(2, _small_state(2), {"step": 2})
+    checkpoints.close()
+    target = {**_small_state(0), "step": 0}
+    state, meta = checkpointing.Checkpoints(str(tmp_path)).restore_state(target)
+    assert meta == {"step": 2} and int(state["step"]) == 2
+    np.testing.assert_array_equal(state["params"]["w"], _small_state(2)["params"]["w"])
 
 
 def test_partial_first_save_is_reported_and_replaced(tmp_path, caplog):
