@@ -19,6 +19,7 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -224,20 +225,30 @@ def eval_step(
 class Preemption:
     """Context in which SIGTERM (what a preempted VM or `kill` sends) is noted instead of killing.
 
-    The training loop checks `received` after each step, saves a checkpoint and returns, so a preempted run
-    loses no steps. Outside the main thread (where signals cannot be handled) it does nothing.
+    The training loop asks `reached(step)` after each step, saves a checkpoint and returns, so a preempted run
+    loses no steps. One process: a SIGTERM handler sets a flag (outside the main thread, where signals cannot
+    be handled, it does nothing). Several processes: JAX's distributed runtime catches SIGTERM on any of them,
+    tells the others, and `multihost_utils.reached_preemption_sync_point` names one step at which all of
+    them save together (a process that stopped alone would leave the others waiting in the collective save).
     """
 
     def __init__(self):
         """Starts with no signal received."""
         self.received = False
         self._previous = None
+        self._multiprocess = jax.process_count() > 1
 
     def __enter__(self) -> "Preemption":
-        """Installs the SIGTERM handler."""
-        if threading.current_thread() is threading.main_thread():
+        """Installs the SIGTERM handler (single process only; JAX's own handles multi-process jobs)."""
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (multi-process: every process calls it at every step)."""
+        if self._multiprocess:
+            self.received = multihost_utils.reached_preemption_sync_point(step)
+        return self.received
 
     def _handle(self, signum, frame) -> None:
         """Notes the signal."""
@@ -504,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                     stop = True
 
-            preempted = preemption.received
+            preempted = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or is_last or stop or preempted:
                 # Never let a diverged state replace a good checkpoint.
                 if not bool(all_finite(state.params)):

@@ -9,9 +9,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -220,3 +222,45 @@ def test_global_batch_must_divide_over_processes(tmp_path, data_flags):
         assert (
             "config.batch_size=3 (global) must be a positive multiple of the number of processes (2)" in err
         )
+
+
+def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, data_flags):
+    """Preemption of one host: JAX's runtime tells the others, all save the same step and exit cleanly."""
+    workdir = tmp_path / "preempted"
+    port = _free_port()
+    # Long enough not to finish first; the first checkpoint at step 20 says training is under way.
+    extra = [
+        "--config.num_train_steps=2000",
+        "--config.checkpoint_every_steps=20",
+        "--config.eval_every_steps=5000",
+    ]
+    processes = [
+        subprocess.Popen(
+            [
+                *_main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}"),
+                "--num_processes=2",
+                f"--process_id={i}",
+                *extra,
+            ],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 400
+        while not (workdir / "checkpoints" / "20").is_dir():
+            assert all(p.poll() is None for p in processes) and time.time() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
+        assert p.returncode == 0, f"process {i}:\n{err[-4000:]}"
+    stopped = [int(err.split("SIGTERM at step ")[1].split(":")[0]) for _, err in outputs]
+    assert stopped[0] == stopped[1] and 20 < stopped[0] < 2000
+    assert (workdir / "checkpoints" / str(stopped[0]) / "state").is_dir()
