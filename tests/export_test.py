@@ -1,0 +1,170 @@
+"""Exports of the shipped weights (fastscnn_jax.export): each format round-trips on real CamVid val images.
+
+The command is run once (module fixture) for every format at 96x128; each test then loads its file with the
+format's own runtime and compares it with the JAX model, built here as `predict.Segmenter` builds it.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from fastscnn_jax import camvid, checkpointing, export, models
+
+HEIGHT, WIDTH = 96, 128
+# Val images the command did not verify on (it takes 4 spread from the first to the last).
+CHECK_INDICES = (7, 38, 71)
+
+
+@pytest.fixture(scope="module")
+def exported(real_camvid_dir, tmp_path_factory):
+    """(folder, report path) of `--format=all` exports of the shipped weights at 96x128."""
+    out = tmp_path_factory.mktemp("export")
+    report = out / "report.md"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastscnn_jax.export",
+        "--format=all",
+        f"--output={out}",
+        f"--height={HEIGHT}",
+        f"--width={WIDTH}",
+        f"--dataset_dir={real_camvid_dir}",
+        "--num_verify=4",
+        "--num_calibration=32",
+        f"--report={report}",
+        "--latency_runs=1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for format in export.FORMATS:
+        assert f"wrote {out / export.FILE_NAMES[format]}: {format}," in proc.stdout, proc.stdout
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def val_images(real_camvid_dir):
+    """Three real CamVid val images at 96x128, uint8 [3, 96, 128, 3]."""
+    pairs = camvid.list_split(real_camvid_dir, "val")
+    images = []
+    for i in CHECK_INDICES:
+        with camvid.open_image(pairs[i][0]) as image:
+            images.append(export.fit_image(np.asarray(image.convert("RGB")), HEIGHT, WIDTH))
+    return np.stack(images)
+
+
+@pytest.fixture(scope="module")
+def reference(val_images):
+    """The JAX model's float32 logits of `val_images`, built from the weights' meta like predict.Segmenter."""
+    variables, meta = checkpointing.load_variables(checkpointing.DEFAULT_WEIGHTS)
+    settings = meta["model"]
+    model = models.FastSCNN(
+        num_classes=settings["num_classes"],
+        width=settings["width"],
+        torch_compat=settings.get("torch_compat", False),
+    )
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(val_images))
+
+
+def check(logits, reference, max_error, floor):
+    """Asserts shape, dtype, max abs logit error (None: not checked) and argmax agreement."""
+    assert logits.dtype == np.float32 and logits.shape == reference.shape
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).mean()
+    error = np.abs(logits - reference).max()
+    assert agreement >= floor, (agreement, error)
+    if max_error is not None:
+        assert error <= max_error, (agreement, error)
+
+
+def test_saved_model_signatures_batch_and_dtypes(exported, val_images, reference):
+    """serving_default takes uint8 of any batch, serving_float float32; both give the JAX logits."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(os.fspath(exported[0] / export.FILE_NAMES["saved_model"]))
+    default = loaded.signatures["serving_default"]
+    assert default.structured_input_signature[1]["images"].dtype == tf.uint8
+    assert default.structured_input_signature[1]["images"].shape.as_list() == [None, HEIGHT, WIDTH, 3]
+    check(default(images=tf.constant(val_images[:1]))["logits"].numpy(), reference[:1], 1e-3, 0.9999)
+    floats = loaded.signatures["serving_float"](images=tf.constant(val_images.astype(np.float32)))
+    check(floats["logits"].numpy(), reference, 1e-3, 0.9999)
+
+
+@pytest.mark.parametrize(
+    "format,max_error,floor",
+    [("tflite", 1e-3, 0.9999), ("tflite_fp16", 0.5, 0.998), ("tflite_int8", None, 0.93)],
+)
+def test_tflite(exported, val_images, reference, format, max_error, floor):
+    """Each TFLite model takes uint8 [1, 96, 128, 3] and meets its floor under ai_edge_litert."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=os.fspath(exported[0] / export.FILE_NAMES[format]))
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, HEIGHT, WIDTH, 3]
+    logits = []
+    for image in val_images:
+        interpreter.set_tensor(inp["index"], image[None])
+        interpreter.invoke()
+        logits.append(interpreter.get_tensor(out["index"])[0])
+    check(np.stack(logits), reference, max_error, floor)
+
+
+def test_onnx(exported, val_images, reference):
+    """The ONNX model takes uint8 and matches the JAX logits under onnxruntime."""
+    import onnxruntime
+
+    path = os.fspath(exported[0] / export.FILE_NAMES["onnx"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.type == "tensor(uint8)"
+    logits = np.concatenate([session.run(None, {inp.name: image[None]})[0] for image in val_images])
+    check(logits, reference, 1e-3, 0.9999)
+
+
+def test_stablehlo_loads_without_model_code(exported, val_images, reference, tmp_path):
+    """A fresh process with only jax deserialises and runs the file at two batch sizes."""
+    np.save(tmp_path / "images.npy", val_images)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from jax import export
+        with open({os.fspath(exported[0] / export.FILE_NAMES["stablehlo"])!r}, "rb") as f:
+            exported = export.deserialize(bytearray(f.read()))
+        images = np.load({os.fspath(tmp_path / "images.npy")!r})
+        out = np.concatenate([np.asarray(exported.call(images[:1])), np.asarray(exported.call(images[1:]))])
+        np.save({os.fspath(tmp_path / "logits.npy")!r}, out)
+        assert not [m for m in sys.modules if m.startswith(("fastscnn_jax", "flax"))]
+        print(exported.platforms, exported.in_avals)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "('cpu', 'cuda', 'tpu')" in proc.stdout and "uint8[b,96,128,3]" in proc.stdout, proc.stdout
+    check(np.load(tmp_path / "logits.npy"), reference, 1e-3, 0.9999)
+
+
+def test_report_table(exported):
+    """The report has a row per format with size, error, agreement and a latency."""
+    text = exported[1].read_text()
+    assert text.startswith("| format | file | size |")
+    assert "| JAX model (jit, as predict.py runs it) |" in text
+    for format in export.FORMATS:
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {format} |")]
+        assert row.endswith(" ms |") and "MiB" in row and "%" in row
+
+
+def test_failed_verification_leaves_no_file(tmp_path, val_images, monkeypatch):
+    """An export that misses its floor raises ExportError naming the numbers, and its file is removed."""
+    apply, variables, _ = export.build_model(checkpointing.DEFAULT_WEIGHTS)
+    reference = np.asarray(jax.jit(export.bind(apply, variables))(val_images))
+    monkeypatch.setitem(export.FLOORS, "stablehlo", export.Floor(-1.0, 0.5))
+    path = tmp_path / "model.stablehlo"
+    with pytest.raises(export.ExportError, match="failed verification .* max abs logit error 0 "):
+        export.export("stablehlo", apply, variables, os.fspath(path), HEIGHT, WIDTH, val_images, reference)
+    assert not path.exists() and not list(tmp_path.iterdir())
