@@ -57,7 +57,7 @@ def main(argv):
     import jax
     import tensorflow as tf
 
-    from fastscnn_jax import camvid, multihost, train
+    from fastscnn_jax import camvid, checkpointing, multihost, train
 
     try:
         multihost.initialize(
@@ -78,8 +78,9 @@ def main(argv):
     )
     try:
         train.train_and_evaluate(FLAGS.config, workdir)
-    except (train.ConfigError, camvid.DatasetError) as e:
-        # Mistakes in the command, config or data: the message names the key or files; no traceback.
+    except (train.ConfigError, camvid.DatasetError, checkpointing.CheckpointError, FloatingPointError) as e:
+        # Mistakes in the command, config or data, checkpoints that do not restore, a diverged run: the
+        # message names the key, file or step, and what was kept; a traceback would add nothing.
         sys.exit(f"error: {e}")
 
 

@@ -376,6 +376,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _kept(checkpoints: checkpointing.Checkpoints, workdir: str) -> str:
+    """What remains of a run that stops on non-finite numbers."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return f"No checkpoint had been saved yet in {workdir}."
+    return f"The last good checkpoint (step {step}) in {workdir} is kept."
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Writes JSON atomically: a kill mid-write leaves the previous file, never a truncated one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, evaluating and checkpointing periodically; resumes from `workdir` when it has checkpoints.
 
@@ -460,8 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 loss = float(computed["loss"])
                 if not np.isfinite(loss):
                     raise FloatingPointError(
-                        f"train loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {checkpoints.latest_step()}) in {workdir} is kept."
+                        f"train loss is {loss} at step {step}; stopping. {_kept(checkpoints, workdir)}"
                     )
                 scores = metrics.segmentation_scores(
                     computed["confusion"], camvid.CLASS_NAMES[: config.num_classes]
@@ -500,12 +515,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     best_scores = {"step": step, **scores}
                     checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
                     if is_chief:
-                        with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-                            json.dump(
-                                {**best_scores, "confusion_matrix": np.asarray(matrix).astype(int).tolist()},
-                                f,
-                                indent=2,
-                            )
+                        _write_json(
+                            os.path.join(workdir, f"eval_{split}.json"),
+                            {**best_scores, "confusion_matrix": np.asarray(matrix).astype(int).tolist()},
+                        )
                 else:
                     meta["evals_since_best"] += 1
                 patience = config.early_stopping_patience
@@ -520,8 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Never let a diverged state replace a good checkpoint.
                 if not bool(all_finite(state.params)):
                     raise FloatingPointError(
-                        f"parameters are not finite at step {step}; stopping without saving. The last good "
-                        f"checkpoint (step {checkpoints.latest_step()}) in {workdir} is kept."
+                        f"parameters are not finite at step {step}; stopping without saving. "
+                        f"{_kept(checkpoints, workdir)}"
                     )
                 checkpoints.save_state(step, state, {**meta, "step": step})
             if preempted:
