@@ -192,36 +192,19 @@ def test_cluster_detection():
     assert multihost.detected_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "Cloud TPU slice"
 
 
-def test_global_batch_must_divide_over_processes(tmp_path, data_flags):
+def test_global_batch_must_divide_over_processes(monkeypatch):
     """A global batch that the processes cannot share equally is refused, naming the key."""
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            _main(
-                tmp_path / "w",
-                data_flags,
-                "--config.batch_size=3",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, (_, err) in zip(processes, outputs, strict=True):
-        assert p.returncode != 0
-        assert (
-            "config.batch_size=3 (global) must be a positive multiple of the number of processes (2)" in err
-        )
+    config = tiny.get_config()
+    config.batch_size = 3
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    with pytest.raises(
+        train.ConfigError,
+        match=r"config.batch_size=3 \(global\) must be a positive multiple of the number of processes \(2\)",
+    ):
+        train.validate_config(config)
+    config.batch_size = 4
+    train.validate_config(config)
 
 
 def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, data_flags):
