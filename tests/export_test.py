@@ -152,7 +152,7 @@ def test_stablehlo_loads_without_model_code(exported, val_images, reference, tmp
 def test_report_table(exported):
     """The report has a row per format with size, error, agreement and a latency."""
     text = exported[1].read_text()
-    assert text.startswith("| format | file | size |")
+    assert text.startswith("Input 96x128; errors") and "\n| format | file | size |" in text
     assert "| JAX model (jit, as predict.py runs it) |" in text
     for format in export.FORMATS:
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {format} |")]
