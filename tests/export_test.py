@@ -96,7 +96,12 @@ def test_saved_model_signatures_batch_and_dtypes(exported, val_images, reference
 
 @pytest.mark.parametrize(
     "format,max_error,floor",
-    [("tflite", 1e-3, 0.9999), ("tflite_fp16", 0.5, 0.998), ("tflite_int8", None, 0.93)],
+    [
+        ("tflite", 1e-3, 0.9999),
+        ("tflite_fp16", 0.5, 0.998),
+        ("tflite_int8", None, 0.93),
+        ("tflite_dynamic", 1.5, 0.99),
+    ],
 )
 def test_tflite(exported, val_images, reference, format, max_error, floor):
     """Each TFLite model takes uint8 [1, 96, 128, 3] and meets its floor under ai_edge_litert."""
