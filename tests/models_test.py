@@ -278,3 +278,92 @@ def test_batchnorm_train_updates_stats_and_eval_is_deterministic(small_model_and
     # Eval uses the running statistics: changing them changes the logits.
     changed = eval_fn({"params": variables["params"], "batch_stats": new}, images)
     assert not np.allclose(first, changed)
+
+
+def _dense_resize(x: jax.Array, size, align_corners: bool) -> jax.Array:
+    """Bilinear resize as two products with the full interpolation matrices (the reference form)."""
+    rows = models.interpolation_matrix(size[0], x.shape[1], align_corners)
+    cols = models.interpolation_matrix(size[1], x.shape[2], align_corners)
+    return jnp.einsum("pw,bowc->bopc", cols, jnp.einsum("oh,bhwc->bowc", rows, x))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ((48, 60), (384, 480)),
+        ((12, 15), (45, 60)),
+        ((7, 9), (21, 31)),
+        ((1, 3), (12, 15)),
+        ((23, 31), (7, 9)),
+    ],
+)
+def test_resize_bilinear_equals_dense_matrices_in_outputs_and_gradients(src, dst, align_corners):
+    """Integer (8x, 4x, 3x, 12x on one pixel), non-integer, odd and downsampling resizes, both conventions:
+    the shifted two-tap form where it applies gives the dense matrices' outputs and input gradients."""
+    rng = np.random.default_rng(src[0] * 100 + dst[1])
+    x = jnp.asarray(rng.normal(size=(2, *src, 3)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, *dst, 3)), jnp.float32)
+    out = models.resize_bilinear(x, dst, align_corners)
+    np.testing.assert_allclose(out, _dense_resize(x, dst, align_corners), rtol=1e-5, atol=1e-5)
+    grads = [
+        jax.grad(lambda x, f=f: jnp.sum(weights * f(x, dst, align_corners)))(x)
+        for f in (models.resize_bilinear, _dense_resize)
+    ]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_phases_are_the_interpolation_matrix():
+    """Row k * s + r of the interpolation matrix holds the phase-r weights at columns k - 1, k, k + 1."""
+    for scale in (2, 3, 4, 8):
+        matrix = models.interpolation_matrix(5 * scale, 5)
+        phases = models._upsample_phases(scale)
+        for r in range(scale):
+            np.testing.assert_allclose(matrix[2 * scale + r, 1:4], phases[r], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding",
+    [
+        ((2, 9, 11, 16), (1, 1, 16, 8), 1, 0),  # 1x1: a dot over channels
+        ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1),  # the stem: space-to-depth blocks
+        ((2, 16, 12, 3), (3, 3, 3, 8), 2, 0),  # torch_compat's unpadded stem
+        ((2, 9, 11, 6), (3, 3, 6, 4), 1, 1),  # anything else: lax itself
+    ],
+)
+def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, stride, padding):
+    """nn.Conv's convolution function gives lax's outputs and gradients w.r.t. input and kernel."""
+    rng = np.random.default_rng(shape[1])
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+    pads = ((padding, padding), (padding, padding))
+    dn = lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def reference(x, k):
+        """The plain convolution."""
+        return lax.conv_general_dilated(x, k, (stride, stride), pads, dimension_numbers=dn)
+
+    def fast(x, k):
+        """The CPU forms, called the way nn.Conv calls them."""
+        conv = models._make_conv_fn(cpu_forms=True)
+        return conv(
+            x,
+            k,
+            (stride, stride),
+            list(pads),
+            lhs_dilation=(1, 1),
+            rhs_dilation=(1, 1),
+            dimension_numbers=dn,
+            feature_group_count=1,
+            precision=None,
+        )
+
+    expected = reference(x, k)
+    weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    np.testing.assert_allclose(jax.jit(fast)(x, k), expected, rtol=1e-4, atol=1e-4)
+    grads = [
+        jax.grad(lambda x, k, f=f: jnp.sum(weights * f(x, k)), argnums=(0, 1))(x, k)
+        for f in (fast, reference)
+    ]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
