@@ -354,9 +354,20 @@ def size_of(path: str) -> int:
     return os.path.getsize(path)
 
 
+def output_path(output: str, format: str, several: bool) -> str:
+    """Where `format` is written: `output` itself, or `output/FILE_NAMES[format]` when exporting several
+    formats or when `output` is an existing folder that is not a SavedModel (never replaced wholesale)."""
+    is_saved_model = os.path.isfile(os.path.join(output, "saved_model.pb"))
+    if several or (os.path.isdir(output) and not (format == "saved_model" and is_saved_model)):
+        return os.path.join(output, FILE_NAMES[format])
+    return output
+
+
 def _remove(path: str) -> None:
-    """Removes a file or folder if it exists."""
+    """Removes a file, or a SavedModel folder, if it exists; refuses any other folder."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ExportError(f"{path} is a folder but not a SavedModel; not replacing it")
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
@@ -448,7 +459,10 @@ def export(
             raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)} or all")
         return verify(format, path, verify_images, reference)
     except BaseException:
-        _remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # what this call wrote (an existing folder was refused above)
+        elif os.path.exists(path):
+            os.remove(path)
         raise
 
 
@@ -525,7 +539,7 @@ def main(argv):
     several = len(formats) > 1
     results = []
     for format in formats:
-        path = os.path.join(FLAGS.output, FILE_NAMES[format]) if several else FLAGS.output
+        path = output_path(FLAGS.output, format, several)
         start = time.perf_counter()
         try:
             result = export(format, *model_for(format), path, height, width, images, reference, calibration)
@@ -558,7 +572,10 @@ def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so the module stays importable)."""
     flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}, a comma-separated list, or all.")
     flags.DEFINE_string(
-        "output", None, "File (folder for saved_model) to write; a folder for several formats."
+        "output",
+        None,
+        "File to write (a folder for saved_model). For several formats, or an existing folder that is not a "
+        "SavedModel: the folder the files go into, under their default names (FILE_NAMES).",
     )
     flags.DEFINE_string(
         "checkpoint", checkpointing.DEFAULT_WEIGHTS, "Weights file, workdir or checkpoint step folder."

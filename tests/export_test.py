@@ -173,3 +173,18 @@ def test_failed_verification_leaves_no_file(tmp_path, val_images, monkeypatch):
     with pytest.raises(export.ExportError, match="failed verification .* max abs logit error 0 "):
         export.export("stablehlo", apply, variables, os.fspath(path), HEIGHT, WIDTH, val_images, reference)
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_folder_is_kept_and_written_into(tmp_path, val_images, reference):
+    """--output naming an existing folder puts the file inside it; the folder's other files stay."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    path = export.output_path(os.fspath(tmp_path), "stablehlo", several=False)
+    assert path == os.fspath(tmp_path / export.FILE_NAMES["stablehlo"])
+    apply, variables, _ = export.build_model(checkpointing.DEFAULT_WEIGHTS, "auto")
+    result = export.export("stablehlo", apply, variables, path, HEIGHT, WIDTH, val_images, reference)
+    assert result.agreement == 1.0 and result.max_abs_error <= 1e-3
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and os.path.isfile(path)
+    folder = os.fspath(tmp_path)
+    with pytest.raises(export.ExportError, match="is a folder but not a SavedModel; not replacing it"):
+        export.export("stablehlo", apply, variables, folder, HEIGHT, WIDTH, val_images, reference)
+    assert (tmp_path / "notes.txt").exists()
