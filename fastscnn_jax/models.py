@@ -100,6 +100,15 @@ def _upsample_phases(scale: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def _upsample_taps(x: jax.Array, axis: int) -> list[jax.Array]:
+    """x[k - 1], x[k], x[k + 1] along `axis`, the edge pixels repeated."""
+    n = x.shape[axis]
+    first = lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = lax.slice_in_dim(x, n - 1, n, axis=axis)
+    padded = jnp.concatenate([first, x, last], axis)
+    return [lax.slice_in_dim(padded, t, t + n, axis=axis) for t in range(3)]
+
+
 def _upsample_axis(x: jax.Array, axis: int, scale: int) -> jax.Array:
     """Bilinear (half-pixel) upsampling of `x` by the integer `scale` along `axis`, without a matrix.
 
@@ -107,20 +116,16 @@ def _upsample_axis(x: jax.Array, axis: int, scale: int) -> jax.Array:
     the interpolation matrix's clamping), the weights depending only on the phase r: three shifted copies of
     the input, `scale` weighted sums of them, interleaved by a stack and a reshape. This is what
     `interpolation_matrix` computes, with O(1) instead of O(in_size) operations per output and no gather,
-    in forward and backward (where the dense form spent more time than the rest of the network).
+    forward and backward (the dense form cost more than most layers of the network at 384x480).
     """
-    n = x.shape[axis]
     weights = _upsample_phases(scale)
-    first = lax.slice_in_dim(x, 0, 1, axis=axis)
-    last = lax.slice_in_dim(x, n - 1, n, axis=axis)
-    padded = jnp.concatenate([first, x, last], axis)
-    taps = [lax.slice_in_dim(padded, t, t + n, axis=axis) for t in range(3)]  # x[k - 1], x[k], x[k + 1]
+    taps = _upsample_taps(x, axis)
     phases = []
     for r in range(scale):
         terms = [taps[t] * weights[r, t].astype(x.dtype) for t in range(3) if weights[r, t] != 0]
         phases.append(functools.reduce(jnp.add, terms))
     shape = list(x.shape)
-    shape[axis] = n * scale
+    shape[axis] *= scale
     return jnp.stack(phases, axis + 1).reshape(shape)
 
 
@@ -259,16 +264,19 @@ def _make_conv_fn(cpu_forms: bool):
             and kwargs.get("precision") is None
             and kwargs.get("preferred_element_type") is None
             and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-            and not isinstance(padding, str)
             and lhs.ndim == 4
             and dn == lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
         )
         if plain:
-            padding = tuple(tuple(p) for p in padding)
             strides = tuple(window_strides)
+            if isinstance(padding, str):  # "SAME" / "VALID": no padding for a 1x1 kernel at stride 1
+                padding = ((0, 0), (0, 0)) if rhs.shape[:2] == (1, 1) and strides == (1, 1) else padding
+            if not isinstance(padding, str):
+                padding = tuple(tuple(p) for p in padding)
             if rhs.shape[:2] == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
                 return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())))
-            if cpu_forms and rhs.shape[:2] == (3, 3) and strides == (2, 2) and lhs.shape[-1] <= 4:
+            stem = rhs.shape[:2] == (3, 3) and strides == (2, 2) and lhs.shape[-1] <= 4
+            if cpu_forms and stem and not isinstance(padding, str):
                 return conv3x3_stride2_s2d(lhs, rhs, padding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kwargs

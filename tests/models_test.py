@@ -326,6 +326,7 @@ def test_upsample_phases_are_the_interpolation_matrix():
     "shape,kernel,stride,padding",
     [
         ((2, 9, 11, 16), (1, 1, 16, 8), 1, 0),  # 1x1: a dot over channels
+        ((2, 9, 11, 16), (1, 1, 16, 8), 1, "SAME"),  # as nn.Conv's default padding gives it
         ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1),  # the stem: space-to-depth blocks
         ((2, 16, 12, 3), (3, 3, 3, 8), 2, 0),  # torch_compat's unpadded stem
         ((2, 9, 11, 6), (3, 3, 6, 4), 1, 1),  # anything else: lax itself
@@ -336,7 +337,7 @@ def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, strid
     rng = np.random.default_rng(shape[1])
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
-    pads = ((padding, padding), (padding, padding))
+    pads = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
     dn = lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
 
     def reference(x, k):
@@ -350,7 +351,7 @@ def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, strid
             x,
             k,
             (stride, stride),
-            list(pads),
+            pads if isinstance(pads, str) else list(pads),
             lhs_dilation=(1, 1),
             rhs_dilation=(1, 1),
             dimension_numbers=dn,
