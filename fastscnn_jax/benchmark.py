@@ -357,7 +357,8 @@ class TorchRunner:
         return self._row("inference", batch, times)
 
     def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
-        """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW."""
+        """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW,
+        and the step's confusion matrix (as `train.train_step` returns one in its metrics)."""
         torch = self.torch
         config = self.config
         images = self._images(batch["image"])
@@ -371,14 +372,19 @@ class TorchRunner:
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 out = self.model(images)
+                logits = out[0] if isinstance(out, tuple) else out
+                loss = self.loss(logits, labels)
                 if isinstance(out, tuple):
-                    loss = self.loss(out[0], labels) + config.aux_loss_weight * self.loss(out[1], labels)
-                else:
-                    loss = self.loss(out, labels)
+                    loss = loss + config.aux_loss_weight * self.loss(out[1], labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip_norm)
             self.optimizer.step()
-            return loss
+            with torch.no_grad():  # the step's metrics: confusion matrix of the non-void pixels
+                k = config.num_classes
+                valid = labels != config.ignore_label
+                pairs = labels[valid] * k + logits.argmax(1)[valid]
+                confusion = torch.bincount(pairs, minlength=k * k).reshape(k, k)
+            return loss, confusion
 
         _, times = time_calls(step, self._sync, warmup, iters)
         return self._row("train", batch, times)
