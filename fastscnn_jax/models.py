@@ -6,7 +6,15 @@ The modules know nothing of configs or losses; `train.create_model` builds them 
 
 Resizing and adaptive pooling are written as matrix products with interpolation / pooling matrices that are
 computed with numpy from the static shapes at trace time. Unlike `jax.image.resize`, this form lowers to plain
-dot products, which the TFLite and ONNX converters accept, and it works for any input size.
+dot products, which the TFLite and ONNX converters accept, and it works for any input size. Upsampling by a
+small integer factor, the common case (the 8x logits), is computed as shifted two-tap sums interleaved by a
+stack and reshape (slices, multiplies, adds: just as exportable), which gives the matrices' values at a
+fraction of their cost.
+
+Speed on XLA:CPU (profiled at 384x480, see benchmarks/README.md): 1x1 convolutions are dots (XLA:CPU's kernel
+gradient of a 1x1 convolution was a full-image-window convolution with transposes), and with the CPU forms
+(`depthwise_impl` 'shifted') depthwise convolutions are shifted multiply-adds and the 3-channel stem runs over
+space-to-depth blocks. Every form gives the plain convolution's outputs and gradients (tests compare them).
 
 `FastSCNN(torch_compat=True)` is the same network with the conventions of the widely used PyTorch port
 (Tramac's Fast-SCNN-pytorch), so that its weights can be imported (`fastscnn_jax.convert_torch`): bilinear
