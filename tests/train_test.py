@@ -67,6 +67,29 @@ def test_loss_matches_reference_and_ignores_void(loss_inputs):
     )
 
 
+def test_loss_gradient_matches_log_softmax_autodiff(loss_inputs):
+    """The written-out gradient of the loss equals autodiff of -<target, log_softmax> (weights, smoothing)."""
+    logits, labels = loss_inputs
+    weights = jnp.asarray([0.5, 2.0, 1.0, 3.0], jnp.float32)
+
+    def reference(x, w, eps):
+        """Weighted mean of -<smoothed one-hot, log_softmax> over non-void pixels, differentiated by JAX."""
+        valid = labels != 4
+        target = jax.nn.one_hot(np.where(valid, labels, 0), 4) * (1 - eps) + eps / 4
+        ce = -jnp.sum(target * jax.nn.log_softmax(x), -1)
+        pixel = valid * (1.0 if w is None else w[np.where(valid, labels, 0)])
+        return jnp.sum(pixel * ce) / jnp.sum(pixel)
+
+    for w, eps in [(None, 0.0), (weights, 0.0), (None, 0.1), (weights, 0.2)]:
+        got = jax.grad(
+            lambda x, w=w, eps=eps: train.segmentation_loss(
+                x, jnp.asarray(labels), ignore_label=4, weights=w, label_smoothing=eps
+            )
+        )(jnp.asarray(logits))
+        expected = jax.grad(functools.partial(reference, w=w, eps=eps))(jnp.asarray(logits))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_ohem_keeps_only_hard_pixels(loss_inputs):
     """OHEM averages over pixels whose true-class probability is below the threshold (or the k hardest)."""
     logits, labels = loss_inputs
