@@ -144,13 +144,21 @@ def _integer_scale(out_size: int, in_size: int) -> int | None:
     return None
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+RESIZE_IMPLS = ("auto", "matrix")
+
+
+def resize_bilinear(
+    x: jax.Array, size: Sequence[int], align_corners: bool = False, impl: str = "auto"
+) -> jax.Array:
     """Bilinear resize of NHWC `x` to `size` (height, width); `align_corners` as in PyTorch.
 
-    Half-pixel (`align_corners=False`) upsampling by an integer factor along an axis (the 8x logits, the 4x
-    feature fusion) is computed as shifted two-tap sums (`_upsample_axis`); any other resize of an axis is
-    a product with its interpolation matrix. Both give the same values (to float rounding).
+    With `impl` 'auto', half-pixel (`align_corners=False`) upsampling by an integer factor along an axis (the
+    8x logits, the 4x feature fusion) is computed as shifted two-tap sums (`_upsample_axis`); any other
+    resize of an axis, and every resize with `impl` 'matrix', is a product with its interpolation matrix.
+    Both give the same values (to float rounding); the matrix form quantises better to full-integer int8.
     """
+    if impl not in RESIZE_IMPLS:
+        raise ValueError(f"resize impl must be one of {RESIZE_IMPLS}, got {impl!r}")
     height, width = size
     if (height, width) == x.shape[1:3]:
         return x
@@ -158,7 +166,7 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = Fal
         in_size = x.shape[axis]
         if out_size == in_size:
             continue
-        scale = None if align_corners else _integer_scale(out_size, in_size)
+        scale = None if align_corners or impl == "matrix" else _integer_scale(out_size, in_size)
         if scale is not None:
             x = _upsample_axis(x, axis, scale)
         else:
@@ -398,6 +406,7 @@ class PyramidPooling(nn.Module):
     bins: Sequence[int] = (1, 2, 3, 6)
     dtype: Any = jnp.float32
     align_corners: bool = False  # of the upsampling
+    resize_impl: str = "auto"  # see `resize_bilinear`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -407,7 +416,7 @@ class PyramidPooling(nn.Module):
         for bins in self.bins:
             y = adaptive_avg_pool(x, bins)
             y = ConvBN(x.shape[-1] // 4, 1, dtype=self.dtype)(y, train)
-            branches.append(resize_bilinear(y, size, self.align_corners))
+            branches.append(resize_bilinear(y, size, self.align_corners, self.resize_impl))
         return ConvBN(self.features, 1, dtype=self.dtype)(jnp.concatenate(branches, -1), train)
 
 
@@ -446,6 +455,7 @@ class GlobalFeatureExtractor(nn.Module):
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     align_corners: bool = False  # of the pyramid pooling's upsampling
+    resize_impl: str = "auto"  # see `resize_bilinear`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -455,7 +465,9 @@ class GlobalFeatureExtractor(nn.Module):
                 x = InvertedResidual(
                     features, stride if i == 0 else 1, self.expansion, self.depthwise_impl, self.dtype
                 )(x, train)
-        return PyramidPooling(self.out_features, self.ppm_bins, self.dtype, self.align_corners)(x, train)
+        return PyramidPooling(
+            self.out_features, self.ppm_bins, self.dtype, self.align_corners, self.resize_impl
+        )(x, train)
 
 
 class FeatureFusion(nn.Module):
@@ -465,12 +477,13 @@ class FeatureFusion(nn.Module):
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     align_corners: bool = False  # of the upsampling of `low`
+    resize_impl: str = "auto"  # see `resize_bilinear`
     conv_bias: bool = False  # biases on the two 1x1 convolutions
 
     @nn.compact
     def __call__(self, high: jax.Array, low: jax.Array, train: bool) -> jax.Array:
         """Fuses the 1/8 (`high`) and 1/32 (`low`) branches at 1/8 resolution."""
-        low = resize_bilinear(low, high.shape[1:3], self.align_corners)
+        low = resize_bilinear(low, high.shape[1:3], self.align_corners, self.resize_impl)
         low = ConvBN(None, 3, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(low, train)
         low = ConvBN(self.features, 1, relu=False, dtype=self.dtype, use_bias=self.conv_bias)(low, train)
         high = ConvBN(self.features, 1, relu=False, dtype=self.dtype, use_bias=self.conv_bias)(high, train)
@@ -539,6 +552,9 @@ class FastSCNN(nn.Module):
     std: Sequence[float] = IMAGENET_STD
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     torch_compat: bool = False  # Tramac's PyTorch conventions (see above) for imported weights
+    # 'auto': integer-factor upsampling as shifted sums (fast); 'matrix': every resize as interpolation
+    # matrices (the form before; full-integer int8 TFLite quantises it better). Same values either way.
+    resize_impl: str = "auto"
 
     def _ch(self, channels: int) -> int:
         """Scales a channel count by `width` (at least 8)."""
@@ -565,10 +581,17 @@ class FastSCNN(nn.Module):
             depthwise_impl=impl,
             dtype=self.dtype,
             align_corners=compat,
+            resize_impl=self.resize_impl,
             name="global_feature_extractor",
         )(high, train)
         fused = FeatureFusion(
-            self._ch(128), impl, self.dtype, align_corners=compat, conv_bias=compat, name="feature_fusion"
+            self._ch(128),
+            impl,
+            self.dtype,
+            align_corners=compat,
+            conv_bias=compat,
+            resize_impl=self.resize_impl,
+            name="feature_fusion",
         )(high, low, train)
         logits = Classifier(
             self.num_classes, self._ch(128), self.dropout_rate, impl, self.dtype, name="classifier"
@@ -577,6 +600,6 @@ class FastSCNN(nn.Module):
             aux = AuxHead(self.num_classes, self._ch(32), self.dropout_rate, self.dtype, name="aux_head")(
                 high, train
             )
-            aux = resize_bilinear(aux, size, compat)
+            aux = resize_bilinear(aux, size, compat, self.resize_impl)
             self.sow("intermediates", "aux_logits", aux.astype(jnp.float32))
-        return resize_bilinear(logits, size, compat).astype(jnp.float32)
+        return resize_bilinear(logits, size, compat, self.resize_impl).astype(jnp.float32)

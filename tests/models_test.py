@@ -368,3 +368,17 @@ def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, strid
     ]
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_model_resize_matrix_equals_auto(small_model_and_variables):
+    """resize_impl='matrix' (every resize a matrix product, for int8 export) gives the default's logits."""
+    _, variables = small_model_and_variables
+    images = _images((2, 64, 96, 3), seed=3)  # 8x logits, 4x fusion: the shifted form in 'auto'
+    out = {}
+    for impl in models.RESIZE_IMPLS:
+        model = models.FastSCNN(19, width=0.25, resize_impl=impl)
+        out[impl] = jax.jit(lambda v, x, m=model: m.apply(v, x))(variables, images)
+    scale = float(jnp.abs(out["matrix"]).max())
+    np.testing.assert_allclose(out["auto"], out["matrix"], rtol=1e-5, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="bogus"):
+        models.resize_bilinear(images, (8, 8), impl="bogus")
