@@ -73,7 +73,7 @@ class Floor:
 # Float32 formats compute the same function (observed max error ~3e-5). Float16 weights move logits by up to
 # ~0.3 and flip 0.05% of the pixels at 360x480, 0.11% at 96x128 (pixels whose top two logits are that close).
 # Full-integer PTQ (min/max calibration) of this network gives 94.8-97.6% agreement on CamVid val at 360x480
-# (97.6% with upsampling as interpolation matrices, 94.8% with it as shifted two-tap sums; 95-98% at 96x128,
+# (97.6% before the CPU speed changes of commit c3dd8a8, 94.8% after; 95-98% at 96x128,
 # depending on the calibration images too); keeping the classifier and final resize in float does not help
 # (the error is spread evenly over the layers, each near the ideal rounding error). Not the 99% hoped for: the
 # floor is 93%. (int16 activations with int8 weights reach 99.5%, but run ~20x slower than int8 on CPU; not

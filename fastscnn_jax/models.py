@@ -155,7 +155,7 @@ def resize_bilinear(
     With `impl` 'auto', half-pixel (`align_corners=False`) upsampling by an integer factor along an axis (the
     8x logits, the 4x feature fusion) is computed as shifted two-tap sums (`_upsample_axis`); any other
     resize of an axis, and every resize with `impl` 'matrix', is a product with its interpolation matrix.
-    Both give the same values (to float rounding); the matrix form quantises better to full-integer int8.
+    Both give the same values (to float rounding).
     """
     if impl not in RESIZE_IMPLS:
         raise ValueError(f"resize impl must be one of {RESIZE_IMPLS}, got {impl!r}")
