@@ -268,7 +268,8 @@ def _make_conv_fn(cpu_forms: bool):
     1x1 stride-1 unpadded convolutions become a dot over channels (every backend: XLA:CPU computes the
     kernel gradient of a 1x1 convolution as a full-image-window convolution with transposes, several
     times slower than the dot's). With `cpu_forms`, 3x3 stride-2 convolutions of inputs with at most 4
-    channels (the stem) use `conv3x3_stride2_s2d`. Anything else is `lax.conv_general_dilated` itself.
+    channels (the stem) use `conv3x3_stride2_s2d` when JAX has a single device. Anything else is
+    `lax.conv_general_dilated` itself.
     """
 
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
@@ -292,7 +293,10 @@ def _make_conv_fn(cpu_forms: bool):
             if rhs.shape[:2] == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
                 return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())))
             stem = rhs.shape[:2] == (3, 3) and strides == (2, 2) and lhs.shape[-1] <= 4
-            if cpu_forms and stem and not isinstance(padding, str):
+            # One device only: with the batch sharded over several (CPU) devices, the space-to-depth form
+            # gave different parameter updates from the plain convolution's (1e-3 relative after one SGD
+            # step, tests/train_test.py::test_one_device_equals_eight_devices); not yet understood.
+            if cpu_forms and stem and not isinstance(padding, str) and jax.device_count() == 1:
                 return conv3x3_stride2_s2d(lhs, rhs, padding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kwargs

@@ -179,8 +179,10 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(
     _truncate_state(workdir / "checkpoints" / "8")
     result = _run_main(workdir, data_flags, tmp_path_factory)
     assert result.returncode != 0
-    assert "CheckpointError" in result.stderr, result.stderr[-4000:]
-    assert f"{workdir / 'checkpoints'} holds checkpoints (steps 10, 8) but none restores" in result.stderr
+    # One line from main (no traceback), naming the folder and each step's reason.
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    headline = f"error: {workdir / 'checkpoints'} holds checkpoints (steps 10, 8) but none restores"
+    assert headline in result.stderr
     assert "(step 10: ValueError: the state read back has SHA-256 " in result.stderr
     assert "; step 8: ValueError: OUT_OF_RANGE: " in result.stderr
     assert "did not start from scratch" in result.stderr
