@@ -47,6 +47,15 @@ def compile_cache_env(tmp_path_factory) -> dict:
     }
 
 
+def _cache_vars() -> dict:
+    """The compilation-cache variables of `compile_cache_env` (after the reference run created the cache)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(_SESSION["cache"]),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def uninterrupted_run(tmp_path_factory, data_flags):
     """(workdir, CompletedProcess) of an uninterrupted tiny run started with no --workdir from an empty
     directory; run once per session (tests/faults_test.py compares against it too)."""
@@ -107,7 +116,10 @@ def test_interrupt_and_resume_gives_the_uninterrupted_parameters(trained, tmp_pa
         stopped = int(stderr.split("SIGTERM at step ")[1].split(":")[0])
         assert (workdir / "checkpoints" / str(stopped) / "state").is_dir()
 
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    # The interrupted run compiled afresh; the resumed one reuses the reference run's cached executables.
+    result = subprocess.run(
+        command, env={**_env(), **_cache_vars()}, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Resuming from step" in result.stderr
     resumed, _ = checkpointing.load_variables(str(workdir / "checkpoints" / final))
