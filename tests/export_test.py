@@ -99,7 +99,8 @@ def test_saved_model_signatures_batch_and_dtypes(exported, val_images, reference
     [
         ("tflite", 1e-3, 0.9999),
         ("tflite_fp16", 0.5, 0.998),
-        ("tflite_int8", None, 0.93),
+        ("tflite_int8", None, 0.95),
+        ("tflite_int8_mixed", None, 0.975),
         ("tflite_dynamic", 1.5, 0.99),
     ],
 )
@@ -117,6 +118,46 @@ def test_tflite(exported, val_images, reference, format, max_error, floor):
         interpreter.invoke()
         logits.append(interpreter.get_tensor(out["index"])[0])
     check(np.stack(logits), reference, max_error, floor)
+
+
+def _ops(path):
+    """[(op name, output tensor detail, input tensor details)] of a TFLite model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=os.fspath(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [
+        (op["op_name"], tensors[op["outputs"][0]], [tensors[i] for i in op["inputs"] if i >= 0])
+        for op in interpreter._get_ops_details()
+    ]
+
+
+def test_int8_convolutions_quantised_per_channel(exported):
+    """Full-integer int8: every convolution (1x1 ones too: not FULLY_CONNECTED, which is quantised per
+    tensor) is an int8 CONV_2D / DEPTHWISE_CONV_2D with one weight scale per output channel."""
+    ops = _ops(exported[0] / export.FILE_NAMES["tflite_int8"])
+    convs = [(name, out, ins) for name, out, ins in ops if name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    # Regular convs: stem, 2 DSConv 1x1s, 9 x 2 bottleneck 1x1s, 4 + 1 pyramid pool, 2 fusion, 3 classifier.
+    assert sum(name == "CONV_2D" for name, _, _ in convs) == 1 + 2 + 18 + 5 + 2 + 3
+    for name, out, (_, weights, *_) in convs:
+        channels = out["shape"][-1]
+        assert out["dtype"] == np.int8 and weights["dtype"] == np.int8, (name, out["name"])
+        assert len(weights["quantization_parameters"]["scales"]) == channels, (name, out["name"])
+    assert not [out["name"] for name, out, _ in ops if name == "FULLY_CONNECTED" and "Conv" in out["name"]]
+
+
+def test_int8_mixed_keeps_listed_layers_in_float(exported):
+    """tflite_int8_mixed: the ops of MIXED_FLOAT_LAYERS compute in float32, the global branch in int8."""
+    ops = _ops(exported[0] / export.FILE_NAMES["tflite_int8_mixed"])
+    convs = [(out["name"], out["dtype"]) for name, out, _ in ops if name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    float_convs = [n for n, dtype in convs if dtype == np.float32]
+    int8_convs = [n for n, dtype in convs if dtype == np.int8]
+    assert len(float_convs) + len(int8_convs) == len(convs)
+    for layer in ("learning_to_downsample", "feature_fusion", "classifier"):
+        assert any(f"/{layer}/" in n for n in float_convs), layer
+        assert not any(f"/{layer}/" in n for n in int8_convs), layer
+    assert len([n for n in int8_convs if "/global_feature_extractor/" in n]) == 9 * 3 + 5
+    assert not [n for n in float_convs if "/global_feature_extractor/" in n]
 
 
 def test_onnx(exported, val_images, reference):

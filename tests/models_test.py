@@ -382,3 +382,13 @@ def test_whole_model_resize_matrix_equals_auto(small_model_and_variables):
     np.testing.assert_allclose(out["auto"], out["matrix"], rtol=1e-5, atol=1e-5 * scale)
     with pytest.raises(ValueError, match="bogus"):
         models.resize_bilinear(images, (8, 8), impl="bogus")
+
+
+def test_conv_forms_only_with_cpu_forms():
+    """1x1 convs are dots only with cpu_forms; without (GPU/TPU, TFLite export) every conv is lax's."""
+    x, k = jnp.ones((1, 4, 4, 8)), jnp.ones((1, 1, 8, 16))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    for cpu_forms, primitive in ((True, "dot_general"), (False, "conv_general_dilated")):
+        conv = models._make_conv_fn(cpu_forms)
+        jaxpr = str(jax.make_jaxpr(lambda x, k, c=conv: c(x, k, (1, 1), "SAME", dimension_numbers=dn))(x, k))
+        assert primitive in jaxpr and ("conv_general_dilated" in jaxpr) == (not cpu_forms), jaxpr
