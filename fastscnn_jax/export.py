@@ -12,7 +12,7 @@ Formats (`FORMATS`):
   tflite_fp16   TFLite, float16 weights (computed in float32 unless a delegate chooses float16).
   tflite_int8   TFLite, full-integer post-training quantisation (weights per channel, activations per
                 tensor) calibrated on `--num_calibration` CamVid train images; uint8 input and float32 output
-                stay at the edges. 93-98% argmax agreement with the float model (see `FLOORS`).
+                stay at the edges. 96-98% argmax agreement with the float model (see `FLOORS`).
   tflite_int8_mixed
                 TFLite, int8 like tflite_int8 except the layers whose rounding costs most agreement
                 (`MIXED_FLOAT_LAYERS`: learning-to-downsample, feature fusion, classifier, final
@@ -86,12 +86,10 @@ class Floor:
 
 # Float32 formats compute the same function (observed max error ~3e-5). Float16 weights move logits by up to
 # ~0.3 and flip 0.05% of the pixels at 360x480, 0.11% at 96x128 (pixels whose top two logits are that close).
-# Full-integer PTQ (min/max calibration) of this network gives 94.8-97.6% agreement on CamVid val at 360x480
-# (97.6% before the CPU speed changes of commit c3dd8a8, 94.8% after; 95-98% at 96x128,
-# depending on the calibration images too); keeping the classifier and final resize in float does not help
-# (the error is spread evenly over the layers, each near the ideal rounding error). Not the 99% hoped for: the
-# floor is 93%. (int16 activations with int8 weights reach 99.5%, but run ~20x slower than int8 on CPU; not
-# offered. tflite_dynamic, int8 weights with float activations, reaches 99.7%.)
+# Full-integer PTQ (min/max calibration) of this network gives 97.6% agreement on CamVid val at 360x480 and
+# 96.4-96.7% at 96x128 (docs/export.md); tflite_int8_mixed 99.1% and 98.2-98.4%. Not the 99% hoped for at
+# every size: the floors are 95% and 97.5%. (int16 activations with int8 weights reach 99.5%, but run ~20x
+# slower than int8 on CPU; not offered. tflite_dynamic, int8 weights with float activations, reaches 99.7%.)
 FLOORS = {
     "saved_model": Floor(1e-3, 0.9999),
     "tflite": Floor(1e-3, 0.9999),
@@ -130,7 +128,9 @@ def build_model(checkpoint: str, depthwise_impl: str = "lax"):
 
     The model is built from the file's meta["model"] as `predict.Segmenter` does, by default with the `lax`
     depthwise convolution (same outputs as the CPU default's shifted multiply-adds), which converts to
-    TFLite's DEPTHWISE_CONV_2D and quantises better (int8 at 96x128: 98% argmax agreement, 91% with shifted).
+    TFLite's DEPTHWISE_CONV_2D and quantises better (int8 at 96x128: 98% argmax agreement, 91% with shifted);
+    `lax` also keeps the 1x1 convolutions as convolutions (CONV_2D, int8 weights per channel; the CPU forms'
+    dots become FULLY_CONNECTED, quantised per tensor).
     """
     from fastscnn_jax import models
 
