@@ -412,12 +412,12 @@ def export_tflite(
 
 
 # Layers that tflite_int8_mixed keeps in float32, as regular expressions over the names of the TFLite ops'
-# outputs (which carry the Flax module path). Chosen by measurement (docs/export.md): with everything int8,
-# 97.4% argmax agreement at 360x480; learning-to-downsample alone in float (the full-resolution branch, whose
-# rounding errors reach the logits twice, through the fusion and the global branch), 98.9%; no other single
-# block moved it by more than 0.2 points; with the fusion, the classifier and the final upsampling as well,
-# 99.1%. The global feature extractor and pyramid pooling (most of the weights and MACs at low resolution)
-# stay int8.
+# outputs (which carry the Flax module path). Chosen by measurement before `equalize_activations` existed
+# (docs/export.md): with everything int8, 97.4% argmax agreement at 360x480; learning-to-downsample alone in
+# float (the full-resolution branch, whose rounding errors reach the logits twice, through the fusion and
+# the global branch), 98.9%; no other single block moved it by more than 0.2 points; with the fusion, the
+# classifier and the final upsampling as well, 99.1%. The global feature extractor and pyramid pooling (most
+# of the weights and MACs at low resolution) stay int8.
 MIXED_FLOAT_LAYERS = (
     r"FastSCNN/learning_to_downsample/",
     r"FastSCNN/feature_fusion/",
@@ -634,7 +634,7 @@ def export(
 
     On failure (of the export or its verification) nothing is left at `path`.
     """
-    if format in ("tflite_int8", "tflite_int8_mixed"):
+    if format in ("tflite_int8", "tflite_int8_mixed") and calibration is not None:  # else export_tflite says
         variables = equalize_activations(apply, variables, calibration)
     fn = bind(apply, variables)
     _remove(path)
