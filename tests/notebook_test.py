@@ -27,7 +27,8 @@ FIGURES = {"data": 2, "curves": 1, "evaluate": 1, "predictions": 1, "export": 1}
 
 def ci_parameters(workdir, camvid_dir, tfds_dir) -> str:
     """Source of the injected cell: the notebook's parameters for a CPU run of a few minutes."""
-    overrides = {"tfds_data_dir": str(tfds_dir)}
+    # One checkpoint (step 10) instead of tiny.py's five: the suite's time, not what the notebook shows.
+    overrides = {"tfds_data_dir": str(tfds_dir), "checkpoint_every_steps": 10}
     return "\n".join(
         [
             "# Injected by tests/notebook_test.py",
