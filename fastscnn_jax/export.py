@@ -64,6 +64,8 @@ FORMATS = (
     "stablehlo",
     "onnx",
 )
+# Post-training int8 quantisation calibrated on CamVid train images (after `equalize_activations`).
+INT8_FORMATS = ("tflite_int8", "tflite_int8_mixed")
 # File or folder name of each format under an `--format=all` output folder.
 FILE_NAMES = {
     "saved_model": "fastscnn_saved_model",
@@ -629,12 +631,16 @@ def export(
     verify_images: np.ndarray,
     reference: np.ndarray,
     calibration: np.ndarray | None = None,
+    equalize: bool = True,
 ) -> Result:
     """Exports `apply` with `variables` as `format` to `path` and verifies it.
 
-    On failure (of the export or its verification) nothing is left at `path`.
+    The int8 formats first equalise the variables on `calibration` (`equalize_activations`) unless `equalize`
+    is False (a caller exporting several int8 formats that equalised once). On failure (of the export or its
+    verification) nothing is left at `path`.
     """
-    if format in ("tflite_int8", "tflite_int8_mixed") and calibration is not None:  # else export_tflite says
+    # Without calibration images export_tflite refuses the int8 formats with a clear message.
+    if equalize and format in INT8_FORMATS and calibration is not None:
         variables = equalize_activations(apply, variables, calibration)
     fn = bind(apply, variables)
     _remove(path)
@@ -717,19 +723,25 @@ def main(argv):
     import jax
 
     height, width = FLAGS.height, FLAGS.width
-    models_by_impl = {}
+    models_by_impl, equalized_by_impl = {}, {}
 
     def model_for(format):
-        """(apply, variables) of the model exported as `format` (see `depthwise_impl_for`)."""
+        """(apply, variables) of the model exported as `format` (see `depthwise_impl_for`); for the int8
+        formats the variables are equalised, once for all of them."""
         impl = depthwise_impl_for(format, FLAGS.depthwise_impl)
         if impl not in models_by_impl:
             models_by_impl[impl] = build_model(FLAGS.checkpoint, impl)[:2]
-        return models_by_impl[impl]
+        apply, variables = models_by_impl[impl]
+        if format not in INT8_FORMATS:
+            return apply, variables
+        if impl not in equalized_by_impl:
+            equalized_by_impl[impl] = equalize_activations(apply, variables, calibration)
+        return apply, equalized_by_impl[impl]
 
     try:
         images = camvid_images("val", FLAGS.num_verify, height, width, FLAGS.dataset_dir)
         calibration = None
-        if {"tflite_int8", "tflite_int8_mixed"} & set(formats):
+        if set(INT8_FORMATS) & set(formats):
             calibration = camvid_images("train", FLAGS.num_calibration, height, width, FLAGS.dataset_dir)
     except (ExportError, camvid.DatasetError) as e:
         sys.exit(f"error: {e}")
@@ -742,7 +754,17 @@ def main(argv):
         path = output_path(FLAGS.output, format, several)
         start = time.perf_counter()
         try:
-            result = export(format, *model_for(format), path, height, width, images, reference, calibration)
+            result = export(
+                format,
+                *model_for(format),
+                path,
+                height,
+                width,
+                images,
+                reference,
+                calibration,
+                equalize=False,
+            )
         except ExportError as e:
             sys.exit(f"error: {e}")
         results.append(result)
