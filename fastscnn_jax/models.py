@@ -307,6 +307,11 @@ def _make_conv_fn(cpu_forms: bool):
     return conv
 
 
+def conv_fn_for(depthwise_impl: str):
+    """`_make_conv_fn` with the CPU forms exactly when `depthwise_impl` resolves to 'shifted'."""
+    return _make_conv_fn(resolve_depthwise_impl(depthwise_impl) == "shifted")
+
+
 def resolve_depthwise_impl(impl: str) -> str:
     """'auto' picks the shifted form on CPU (XLA:CPU grouped convs are slow), `lax` elsewhere.
 
@@ -365,7 +370,7 @@ class ConvBN(nn.Module):
                 use_bias=self.use_bias,
                 kernel_init=_conv_init,
                 dtype=self.dtype,
-                conv_general_dilated=_make_conv_fn(resolve_depthwise_impl(self.depthwise_impl) == "shifted"),
+                conv_general_dilated=conv_fn_for(self.depthwise_impl),
             )(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
         return nn.relu(x) if self.relu else x
@@ -523,7 +528,7 @@ class Classifier(nn.Module):
         x = DSConv(self.features, 1, self.depthwise_impl, self.dtype)(x, train)
         x = DSConv(self.features, 1, self.depthwise_impl, self.dtype)(x, train)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        conv = _make_conv_fn(resolve_depthwise_impl(self.depthwise_impl) == "shifted")
+        conv = conv_fn_for(self.depthwise_impl)
         return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, conv_general_dilated=conv)(x)
 
 
@@ -541,7 +546,7 @@ class AuxHead(nn.Module):
         """Returns auxiliary logits at 1/8 resolution."""
         x = ConvBN(self.features, 3, depthwise_impl=self.depthwise_impl, dtype=self.dtype)(x, train)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        conv = _make_conv_fn(resolve_depthwise_impl(self.depthwise_impl) == "shifted")
+        conv = conv_fn_for(self.depthwise_impl)
         return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, conv_general_dilated=conv)(x)
 
 
