@@ -11,10 +11,10 @@ small integer factor, the common case (the 8x logits), is computed as shifted tw
 stack and reshape (slices, multiplies, adds: just as exportable), which gives the matrices' values at a
 fraction of their cost.
 
-Speed on XLA:CPU (profiled at 384x480, see benchmarks/README.md): 1x1 convolutions are dots (XLA:CPU's kernel
-gradient of a 1x1 convolution was a full-image-window convolution with transposes), and with the CPU forms
-(`depthwise_impl` 'shifted') depthwise convolutions are shifted multiply-adds and the 3-channel stem runs over
-space-to-depth blocks. Every form gives the plain convolution's outputs and gradients (tests compare them).
+Speed on XLA:CPU (profiled at 384x480, see benchmarks/README.md): with the CPU forms (`depthwise_impl`
+'shifted', the CPU default) 1x1 convolutions are dots, depthwise convolutions shifted multiply-adds, the
+3-channel stem a dot over its 27 stacked taps, each with a gradient written out where XLA:CPU's own was slow.
+Every form gives the plain convolution's outputs and gradients (tests compare them).
 
 `FastSCNN(torch_compat=True)` is the same network with the conventions of the widely used PyTorch port
 (Tramac's Fast-SCNN-pytorch), so that its weights can be imported (`fastscnn_jax.convert_torch`): bilinear
@@ -295,46 +295,32 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Arra
     )
 
 
-def _conv3x3_stride2_s2d_forward(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-    """3x3 stride-2 conv as a 2x2 stride-1 conv over 2x2 blocks of pixels stacked on channels."""
-    batch, height, width, channels = x.shape
-    (top, bottom), (left, right) = padding
-    height, width = height + top + bottom, width + left + right
-    # Explicit padding, then one more row / column where needed to make whole 2x2 blocks.
-    x = jnp.pad(x, ((0, 0), (top, bottom + height % 2), (left, right + width % 2), (0, 0)))
-    blocks_h, blocks_w = (height + 1) // 2, (width + 1) // 2
-    x = x.reshape(batch, blocks_h, 2, blocks_w, 2, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(batch, blocks_h, blocks_w, 4 * channels)
-    # Tap (dy, dx) of the 3x3 kernel reads block (dy // 2, dx // 2), pixel (dy % 2, dx % 2) of that block.
-    k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-    k = k.reshape(2, 2, 2, 2, channels, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * channels, -1)
-    return _lax_conv(x, k, 1, ((0, 0), (0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_stride2_s2d(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+def conv3x3_stride2_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     """3x3 stride-2 convolution of NHWC `x` (few channels) with HWIO `kernel`, `padding` ((t, b), (l, r)).
 
-    For the 3-channel stem, XLA:CPU's convolution is slow; the same convolution over space-to-depth blocks
-    (12 channels, a 2x2 kernel) is about twice as fast. The gradients are the plain convolution's, which
-    XLA computes faster than those of the blocked form. Same values as `lax.conv_general_dilated`.
+    For the 3-channel stem, XLA:CPU's convolution is slow, forward and kernel gradient alike. Here the nine
+    strided taps are concatenated on channels (27 for RGB, ordered as the kernel's (dy, dx, c)) and
+    multiplied with the [27, C_out] kernel by `pointwise_conv`, whose kernel gradient is one 2-D dot: at
+    384x480 batch 8, forward and kernel gradient 48 ms instead of 113 ms for a 2x2 convolution over
+    space-to-depth blocks (the form before) and 141 ms for the plain convolution. Same values.
     """
-    return _conv3x3_stride2_s2d_forward(x, kernel, padding)
-
-
-def _conv3x3_stride2_s2d_fwd(x, kernel, padding):
-    """Forward pass; keeps the inputs for the plain convolution's backward pass."""
-    return _conv3x3_stride2_s2d_forward(x, kernel, padding), (x, kernel)
-
-
-def _conv3x3_stride2_s2d_bwd(padding, residuals, grad):
-    """Gradients w.r.t. input and kernel of the plain convolution."""
-    x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, k: _lax_conv(x, k, 2, padding), x, kernel)
-    return vjp(grad)
-
-
-conv3x3_stride2_s2d.defvjp(_conv3x3_stride2_s2d_fwd, _conv3x3_stride2_s2d_bwd)
+    batch, height, width, channels = x.shape
+    (top, bottom), (left, right) = padding
+    out_h = (height + top + bottom - 3) // 2 + 1
+    out_w = (width + left + right - 3) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    taps = [
+        lax.slice(
+            padded,
+            (0, dy, dx, 0),
+            (batch, dy + 2 * (out_h - 1) + 1, dx + 2 * (out_w - 1) + 1, channels),
+            (1, 2, 2, 1),
+        )
+        for dy in range(3)
+        for dx in range(3)
+    ]
+    patches = jnp.concatenate(taps, axis=-1)
+    return pointwise_conv(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
 @jax.custom_vjp
@@ -371,12 +357,12 @@ def _make_conv_fn(cpu_forms: bool):
     """A `lax.conv_general_dilated` for `nn.Conv` that picks a faster equivalent form for some shapes.
 
     With `cpu_forms` (the 'shifted' depthwise setting, the CPU default): 1x1 stride-1 unpadded
-    convolutions become a dot over channels (XLA:CPU computes the kernel gradient of a 1x1 convolution as a
-    full-image-window convolution with transposes, several times slower than the dot's), and 3x3 stride-2
-    convolutions of inputs with at most 4 channels (the stem) use `conv3x3_stride2_s2d` when JAX has a
-    single device. Anything else, and everything without `cpu_forms` (GPU/TPU, and the TFLite/ONNX export,
-    whose converter turns a 1x1 dot into FULLY_CONNECTED, quantised per tensor instead of per channel:
-    full-integer int8 agreement 94.8% instead of 97.6%), is `lax.conv_general_dilated` itself.
+    convolutions become `pointwise_conv`, a dot over channels (XLA:CPU computes the kernel gradient of a 1x1
+    convolution as a full-image-window convolution with transposes, several times slower), and 3x3 stride-2
+    convolutions of inputs with at most 4 channels (the stem) use `conv3x3_stride2_im2col` when JAX has one
+    device. Anything else, and everything without `cpu_forms` (GPU/TPU, and the TFLite/ONNX export, whose
+    converter turns a 1x1 dot into FULLY_CONNECTED, quantised per tensor instead of per channel: full-integer
+    int8 agreement 94.8% instead of 97.6%), is `lax.conv_general_dilated` itself.
     """
 
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
@@ -400,11 +386,12 @@ def _make_conv_fn(cpu_forms: bool):
             if cpu_forms and rhs.shape[:2] == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
                 return pointwise_conv(lhs, rhs[0, 0])
             stem = rhs.shape[:2] == (3, 3) and strides == (2, 2) and lhs.shape[-1] <= 4
-            # One device only: with the batch sharded over several (CPU) devices, the space-to-depth form
-            # gave different parameter updates from the plain convolution's (1e-3 relative after one SGD
-            # step, tests/train_test.py::test_one_device_equals_eight_devices); not yet understood.
+            # One device only: with the batch sharded over several (CPU) devices, this form (and the
+            # space-to-depth form before it) gave parameter updates further from the one-device ones than
+            # the plain convolution does (1e-3 relative after one SGD step, against 1e-6;
+            # tests/train_test.py::test_one_device_equals_eight_devices); not yet understood.
             if cpu_forms and stem and not isinstance(padding, str) and jax.device_count() == 1:
-                return conv3x3_stride2_s2d(lhs, rhs, padding)
+                return conv3x3_stride2_im2col(lhs, rhs, padding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kwargs
         )
@@ -421,7 +408,7 @@ def resolve_depthwise_impl(impl: str) -> str:
     """'auto' picks the shifted form on CPU (XLA:CPU grouped convs are slow), `lax` elsewhere.
 
     'shifted' also selects the other CPU forms of `_make_conv_fn`: 1x1 convolutions as dots, the stem
-    convolution over space-to-depth blocks.
+    convolution as a dot over its stacked taps.
     """
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
