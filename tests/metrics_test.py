@@ -59,6 +59,12 @@ def test_from_model_output_and_merge():
     merged = first.merge(second).compute()
     assert merged.dtype == np.float64
     np.testing.assert_array_equal(merged, EXPECTED + expected2)
+    # Classes before pixels (the train step's [B, K, H, W] logits), class_axis=1: the same counts.
+    class_major = jnp.moveaxis(_logits(PREDICTIONS, 3), -1, 1)
+    third = metrics.ConfusionMatrix.from_model_output(
+        logits=class_major, label=jnp.asarray(LABELS), valid=jnp.asarray(VALID), class_axis=1
+    )
+    np.testing.assert_array_equal(third.compute(), EXPECTED)
 
 
 def test_eval_metrics_collection_merge_and_compute():

@@ -108,6 +108,28 @@ def test_aux_logits_sown_at_input_size(small_model_and_variables):
     assert not np.allclose(aux, logits)
 
 
+def test_channels_first_logits_are_the_transposed_logits(small_model_and_variables):
+    """channels_first=True (the train step's layout) gives the NHWC logits and aux logits, transposed."""
+    _, variables = small_model_and_variables
+    images = _images((2, 40, 56, 3), seed=6)  # 8x logits: the class-major shifted/matrix forms
+    model = models.FastSCNN(19, width=0.25, aux_head=True)
+    out = {}
+    for first in (False, True):
+        out[first] = model.apply(
+            variables,
+            images,
+            train=True,
+            channels_first=first,
+            rngs={"dropout": jax.random.key(3)},
+            mutable=["batch_stats", "intermediates"],
+        )
+    (logits, state), (logits_cf, state_cf) = out[False], out[True]
+    assert logits_cf.shape == (2, 19, 40, 56)
+    np.testing.assert_allclose(logits_cf, jnp.transpose(logits, (0, 3, 1, 2)), rtol=1e-5, atol=1e-4)
+    (aux,), (aux_cf,) = state["intermediates"]["aux_logits"], state_cf["intermediates"]["aux_logits"]
+    np.testing.assert_allclose(aux_cf, jnp.transpose(aux, (0, 3, 1, 2)), rtol=1e-5, atol=1e-4)
+
+
 def test_whole_model_shifted_equals_lax(small_model_and_variables):
     """FastSCNN gives the same logits with shifted and lax depthwise convolutions from the same variables."""
     model, variables = small_model_and_variables
@@ -172,6 +194,34 @@ def test_resize_bilinear_upsampling_equals_jax_image(src, dst):
     expected = jax.image.resize(x, (2, *dst, 3), "bilinear")
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "src,dst,align_corners",
+    [
+        ((6, 8), (48, 64), False),  # 8x: width by matrix, height by shifted sums
+        ((7, 9), (23, 31), False),  # non-integer factors: matrices
+        ((6, 8), (48, 64), True),  # align_corners: matrices
+        ((12, 16), (5, 16), False),  # downsampling the height, width unchanged
+    ],
+)
+def test_resize_class_major_equals_resize_bilinear(src, dst, align_corners):
+    """[B, K, H, W] resizing gives resize_bilinear's values and gradients, transposed."""
+    rng = np.random.default_rng(src[0])
+    x = jnp.asarray(rng.normal(size=(2, *src, 5)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 5, *dst)), jnp.float32)
+
+    def nhwc(x):
+        """resize_bilinear, transposed to classes first."""
+        return jnp.transpose(models.resize_bilinear(x, dst, align_corners), (0, 3, 1, 2))
+
+    def class_major(x):
+        """The class-major resize of the transposed input."""
+        return models.resize_bilinear_class_major(jnp.transpose(x, (0, 3, 1, 2)), dst, align_corners)
+
+    np.testing.assert_allclose(class_major(x), nhwc(x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, f=f: jnp.sum(weights * f(x)))(x) for f in (class_major, nhwc)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
 def _numpy_bilinear(x: np.ndarray, size) -> np.ndarray:

@@ -343,3 +343,23 @@ def test_early_stopping_and_divergence(tmp_path):
     for step_dir in saved:
         variables, _ = train.checkpointing.load_variables(str(step_dir))
         assert bool(train.all_finite(variables["params"])), f"non-finite checkpoint {step_dir}"
+
+
+def test_class_major_loss_equals_class_last_in_value_and_gradient(loss_inputs):
+    """class_axis=1 on [B, K, H, W] logits gives the [B, H, W, K] loss and the transposed gradient."""
+    logits, labels = loss_inputs
+    weights = jnp.asarray([0.5, 2.0, 1.0, 3.0], jnp.float32)
+    class_major = jnp.transpose(jnp.asarray(logits), (0, 3, 1, 2))
+    cases = [{}, {"weights": weights, "label_smoothing": 0.2}, {"ohem_threshold": 0.3, "ohem_min_kept": 9}]
+    for kwargs in cases:
+
+        def loss(x, axis, kwargs=kwargs):
+            """The loss of `x` with its classes along `axis`."""
+            return train.segmentation_loss(x, jnp.asarray(labels), ignore_label=4, class_axis=axis, **kwargs)
+
+        last, grad_last = jax.value_and_grad(loss)(jnp.asarray(logits), -1)
+        first, grad_first = jax.value_and_grad(loss)(class_major, 1)
+        np.testing.assert_allclose(float(first), float(last), rtol=1e-6)
+        np.testing.assert_allclose(grad_first, jnp.transpose(grad_last, (0, 3, 1, 2)), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="class axis 1"):
+        train.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels), ignore_label=4, class_axis=1)
