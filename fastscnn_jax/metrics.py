@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics
 
+CONFUSION_IMPLS = ("auto", "bincount", "onehot")
+
 
 def confusion_matrix(
-    predictions: jax.Array, labels: jax.Array, valid: jax.Array, num_classes: int
+    predictions: jax.Array, labels: jax.Array, valid: jax.Array, num_classes: int, impl: str = "auto"
 ) -> jax.Array:
     """[num_classes, num_classes] counts, rows = true class, columns = predicted class.
 
@@ -23,11 +25,23 @@ def confusion_matrix(
       labels: integer labels, same shape; values outside 0..num_classes-1 must be masked by `valid`.
       valid: boolean mask, same shape: pixels that count.
       num_classes: number of real classes.
+      impl: 'bincount' counts label * K + prediction with `jnp.bincount` (a scatter-add: at 384x480 batch
+        8 on XLA:CPU 1.7 ms, against 76 ms for the one-hot product); 'onehot' is the product of
+        [num_classes, pixels] one-hot planes (matrix units, no scatter); 'auto': 'onehot' on TPU,
+        'bincount' elsewhere.
 
     Returns:
-      float32 confusion matrix: a product of [num_classes, pixels] one-hot planes (a scatter is slow on
-      XLA:CPU; classes before pixels, since comparisons with the class index vectorise along the pixels).
+      float32 confusion matrix.
     """
+    if impl not in CONFUSION_IMPLS:
+        raise ValueError(f"confusion matrix impl must be one of {CONFUSION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "onehot" if jax.default_backend() == "tpu" else "bincount"
+    if impl == "bincount":
+        cells = num_classes * num_classes
+        index = jnp.where(valid, labels * num_classes + predictions, cells).reshape(-1)
+        counts = jnp.bincount(index, length=cells + 1)[:cells]
+        return counts.astype(jnp.float32).reshape(num_classes, num_classes)
     classes = jnp.arange(num_classes)[:, None]
     valid = valid.reshape(1, -1)
     true = ((labels.reshape(1, -1) == classes) & valid).astype(jnp.float32)

@@ -24,23 +24,31 @@ def _logits(predictions: np.ndarray, num_classes: int, seed: int = 0) -> jnp.nda
     return jnp.asarray(noise + 10.0 * np.eye(num_classes)[predictions], jnp.float32)
 
 
-def test_confusion_matrix_hand_computed():
+@pytest.mark.parametrize("impl", metrics.CONFUSION_IMPLS)
+def test_confusion_matrix_hand_computed(impl):
     """Counts match a hand-computed matrix; masked pixels (void or not) are left out."""
-    matrix = metrics.confusion_matrix(jnp.asarray(PREDICTIONS), jnp.asarray(LABELS), jnp.asarray(VALID), 3)
+    matrix = metrics.confusion_matrix(
+        jnp.asarray(PREDICTIONS), jnp.asarray(LABELS), jnp.asarray(VALID), 3, impl=impl
+    )
     assert matrix.shape == (3, 3)
     assert matrix.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(matrix), EXPECTED)
 
 
-def test_confusion_matrix_large_counts_exact():
+@pytest.mark.parametrize("impl", metrics.CONFUSION_IMPLS)
+def test_confusion_matrix_large_counts_exact(impl):
     """Counts of a large random batch equal numpy's bincount exactly (no precision loss)."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 12, (4, 96, 128))
     predictions = rng.integers(0, 11, (4, 96, 128))
     valid = labels < 11
-    matrix = metrics.confusion_matrix(jnp.asarray(predictions), jnp.asarray(labels), jnp.asarray(valid), 11)
+    matrix = metrics.confusion_matrix(
+        jnp.asarray(predictions), jnp.asarray(labels), jnp.asarray(valid), 11, impl=impl
+    )
     expected = np.bincount(labels[valid] * 11 + predictions[valid], minlength=121).reshape(11, 11)
     np.testing.assert_array_equal(np.asarray(matrix), expected)
+    with pytest.raises(ValueError, match="bogus"):
+        metrics.confusion_matrix(jnp.asarray(predictions), jnp.asarray(labels), valid, 11, "bogus")
 
 
 def test_from_model_output_and_merge():
