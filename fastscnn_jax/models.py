@@ -13,7 +13,7 @@ fraction of their cost.
 
 Speed on XLA:CPU (profiled at 384x480, see benchmarks/README.md): with the CPU forms (`depthwise_impl`
 'shifted', the CPU default) 1x1 convolutions are dots, depthwise convolutions shifted multiply-adds, the
-3-channel stem a dot over its 27 stacked taps, each with a gradient written out where XLA:CPU's own was slow.
+3-channel stem 27 shifted multiply-adds, each with a gradient written out where XLA:CPU's own was slow.
 Every form gives the plain convolution's outputs and gradients (tests compare them).
 
 `FastSCNN(torch_compat=True)` is the same network with the conventions of the widely used PyTorch port
@@ -326,11 +326,12 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Arra
 def conv3x3_stride2_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     """3x3 stride-2 convolution of NHWC `x` (few channels) with HWIO `kernel`, `padding` ((t, b), (l, r)).
 
-    For the 3-channel stem, XLA:CPU's convolution is slow, forward and kernel gradient alike. Here the nine
-    strided taps are concatenated on channels (27 for RGB, ordered as the kernel's (dy, dx, c)) and
-    multiplied with the [27, C_out] kernel by `pointwise_conv`, whose kernel gradient is one 2-D dot: at
-    384x480 batch 8, forward and kernel gradient 48 ms instead of 113 ms for a 2x2 convolution over
-    space-to-depth blocks (the form before) and 141 ms for the plain convolution. Same values.
+    The gradient form of `conv3x3_stride2_shifted`. For the 3-channel stem, XLA:CPU's convolution is slow,
+    forward and kernel gradient alike. Here the nine strided taps are concatenated on channels (27 for RGB,
+    ordered as the kernel's (dy, dx, c)) and multiplied with the [27, C_out] kernel by `pointwise_conv`, whose
+    kernel gradient is one 2-D dot: at 384x480 batch 8, forward and kernel gradient 48 ms instead of 113 ms
+    for a 2x2 convolution over space-to-depth blocks (the form before) and 141 ms for the plain
+    convolution. Same values.
     """
     batch, height, width, channels = x.shape
     (top, bottom), (left, right) = padding
@@ -349,6 +350,56 @@ def conv3x3_stride2_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Arra
     ]
     patches = jnp.concatenate(taps, axis=-1)
     return pointwise_conv(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
+
+
+def _conv3x3_stride2_shifted_forward(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """3x3 stride-2 convolution as 9 * C shifted, broadcast multiply-adds (C: the few input channels)."""
+    batch, height, width, channels = x.shape
+    (top, bottom), (left, right) = padding
+    out_h = (height + top + bottom - 3) // 2 + 1
+    out_w = (width + left + right - 3) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            tap = lax.slice(
+                padded,
+                (0, dy, dx, 0),
+                (batch, dy + 2 * (out_h - 1) + 1, dx + 2 * (out_w - 1) + 1, channels),
+                (1, 2, 2, 1),
+            )
+            for c in range(channels):
+                term = tap[..., c : c + 1] * kernel[dy, dx, c]
+                out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_stride2_shifted(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """3x3 stride-2 convolution of NHWC `x` (few channels) with HWIO `kernel`, `padding` ((t, b), (l, r)).
+
+    The CPU form of the 3-channel stem. Forward: 27 shifted multiply-adds, which XLA:CPU fuses with the
+    normalisation before and the BatchNorm after (at 384x480 with those: batch 1 1.3 ms, batch 8 20 ms;
+    `conv3x3_stride2_im2col` 2.6 / 51 ms, the plain convolution 4.7 ms at batch 1). Gradients: those of
+    `conv3x3_stride2_im2col` (the kernel gradient one 2-D dot; with the forward 59 ms at batch 8, against 94
+    ms for the differentiated multiply-adds). Same values as `lax.conv_general_dilated`.
+    """
+    return _conv3x3_stride2_shifted_forward(x, kernel, padding)
+
+
+def _conv3x3_stride2_shifted_fwd(x, kernel, padding):
+    """Forward pass; keeps the input and kernel."""
+    return _conv3x3_stride2_shifted_forward(x, kernel, padding), (x, kernel)
+
+
+def _conv3x3_stride2_shifted_bwd(padding, residuals, grad):
+    """Gradients w.r.t. input and kernel of `conv3x3_stride2_im2col`."""
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x, k: conv3x3_stride2_im2col(x, k, padding), x, kernel)
+    return vjp(grad)
+
+
+conv3x3_stride2_shifted.defvjp(_conv3x3_stride2_shifted_fwd, _conv3x3_stride2_shifted_bwd)
 
 
 @jax.custom_vjp
@@ -387,8 +438,8 @@ def _make_conv_fn(cpu_forms: bool):
     With `cpu_forms` (the 'shifted' depthwise setting, the CPU default): 1x1 stride-1 unpadded
     convolutions become `pointwise_conv`, a dot over channels (XLA:CPU computes the kernel gradient of a 1x1
     convolution as a full-image-window convolution with transposes, several times slower), and 3x3 stride-2
-    convolutions of inputs with at most 4 channels (the stem) use `conv3x3_stride2_im2col` when JAX has one
-    device. Anything else, and everything without `cpu_forms` (GPU/TPU, and the TFLite/ONNX export, whose
+    convolutions of inputs with at most 4 channels (the stem) use `conv3x3_stride2_shifted` when JAX has
+    one device. Anything else, and everything without `cpu_forms` (GPU/TPU, and the TFLite/ONNX export, whose
     converter turns a 1x1 dot into FULLY_CONNECTED, quantised per tensor instead of per channel: full-integer
     int8 agreement 94.8% instead of 97.6%), is `lax.conv_general_dilated` itself.
     """
@@ -419,7 +470,7 @@ def _make_conv_fn(cpu_forms: bool):
             # the plain convolution does (1e-3 relative after one SGD step, against 1e-6;
             # tests/train_test.py::test_one_device_equals_eight_devices); not yet understood.
             if cpu_forms and stem and not isinstance(padding, str) and jax.device_count() == 1:
-                return conv3x3_stride2_im2col(lhs, rhs, padding)
+                return conv3x3_stride2_shifted(lhs, rhs, padding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kwargs
         )
@@ -436,7 +487,7 @@ def resolve_depthwise_impl(impl: str) -> str:
     """'auto' picks the shifted form on CPU (XLA:CPU grouped convs are slow), `lax` elsewhere.
 
     'shifted' also selects the other CPU forms of `_make_conv_fn`: 1x1 convolutions as dots, the stem
-    convolution as a dot over its stacked taps.
+    convolution as shifted multiply-adds.
     """
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")

@@ -377,7 +377,7 @@ def test_upsample_phases_are_the_interpolation_matrix():
     [
         ((2, 9, 11, 16), (1, 1, 16, 8), 1, 0),  # 1x1: a dot over channels
         ((2, 9, 11, 16), (1, 1, 16, 8), 1, "SAME"),  # as nn.Conv's default padding gives it
-        ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1),  # the stem: a dot over its stacked taps
+        ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1),  # the stem: shifted multiply-adds, im2col gradient
         ((2, 16, 12, 3), (3, 3, 3, 8), 2, 0),  # torch_compat's unpadded stem
         ((2, 9, 11, 6), (3, 3, 6, 4), 1, 1),  # anything else: lax itself
     ],
