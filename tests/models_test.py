@@ -111,7 +111,7 @@ def test_aux_logits_sown_at_input_size(small_model_and_variables):
 def test_channels_first_logits_are_the_transposed_logits(small_model_and_variables):
     """channels_first=True (the train step's layout) gives the NHWC logits and aux logits, transposed."""
     _, variables = small_model_and_variables
-    images = _images((2, 40, 56, 3), seed=6)  # 8x logits: the class-major shifted/matrix forms
+    images = _images((2, 16, 24, 3), seed=6)  # 8x logits: the class-major shifted/matrix forms
     model = models.FastSCNN(19, width=0.25, aux_head=True)
     out = {}
     for first in (False, True):
@@ -124,7 +124,7 @@ def test_channels_first_logits_are_the_transposed_logits(small_model_and_variabl
             mutable=["batch_stats", "intermediates"],
         )
     (logits, state), (logits_cf, state_cf) = out[False], out[True]
-    assert logits_cf.shape == (2, 19, 40, 56)
+    assert logits_cf.shape == (2, 19, 16, 24)
     np.testing.assert_allclose(logits_cf, jnp.transpose(logits, (0, 3, 1, 2)), rtol=1e-5, atol=1e-4)
     (aux,), (aux_cf,) = state["intermediates"]["aux_logits"], state_cf["intermediates"]["aux_logits"]
     np.testing.assert_allclose(aux_cf, jnp.transpose(aux, (0, 3, 1, 2)), rtol=1e-5, atol=1e-4)
