@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import http.server
-import os
 import pathlib
-import shutil
-import tempfile
 import threading
-
-# One persistent JAX compilation cache for the session, shared with the tests' subprocesses (they inherit
-# this environment): many tests compile the same tiny train and eval steps, and a cache hit costs ~5 s of
-# the ~18 s a tiny train step takes to compile on a 2-core CPU. Fresh for each session, removed at exit.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _CACHE = tempfile.mkdtemp(prefix="fastscnn-jax-test-cache-")
-    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
