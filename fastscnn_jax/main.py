@@ -85,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
     app.run(main, flags_parser=cli.parse_flags)

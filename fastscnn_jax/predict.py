@@ -206,5 +206,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)
