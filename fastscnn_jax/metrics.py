@@ -57,11 +57,29 @@ class ConfusionMatrix(metrics.Metric):
 
     @classmethod
     def from_model_output(
-        cls, *, logits: jax.Array, label: jax.Array, valid: jax.Array, class_axis: int = -1, **_
+        cls,
+        *,
+        label: jax.Array,
+        valid: jax.Array,
+        logits: jax.Array | None = None,
+        class_axis: int = -1,
+        predictions: jax.Array | None = None,
+        num_classes: int | None = None,
+        **_,
     ) -> "ConfusionMatrix":
-        """Counts argmax(logits) (classes along `class_axis`) against `label` where `valid`."""
-        num_classes = logits.shape[class_axis]
-        return cls(confusion_matrix(jnp.argmax(logits, class_axis), label, valid, num_classes))
+        """Counts argmax(logits) (classes along `class_axis`) or `predictions` against `label` where `valid`.
+
+        With `predictions` (integer classes, the shape of `label`), `num_classes` is required and
+        `logits` is not used.
+        """
+        if predictions is None:
+            if logits is None:
+                raise ValueError("ConfusionMatrix needs logits or predictions")
+            num_classes = logits.shape[class_axis]
+            predictions = jnp.argmax(logits, class_axis)
+        elif num_classes is None:
+            raise ValueError("ConfusionMatrix from predictions needs num_classes")
+        return cls(confusion_matrix(predictions, label, valid, num_classes))
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Sums the counts."""

@@ -181,10 +181,11 @@ def resize_bilinear_class_major(
 ) -> jax.Array:
     """`resize_bilinear` of [B, K, H, W] `x` (classes before pixels), giving [B, K, height, width].
 
-    The training loss takes the logits in this layout (`FastSCNN(channels_first=True)`): its per-pixel work
-    at full resolution then runs along image rows rather than along the 11 classes, which XLA:CPU vectorises
-    poorly (at 384x480 batch 8: upsampling + loss forward and backward ~110 instead of ~155 ms, twice per
-    step with the aux head). The width is resized first, at the input's height, by its interpolation
+    The training loss takes the logits in this layout (`FastSCNN(channels_first=True)`; the train step
+    upsamples the width with this function and the height inside the loss, `train.loss_logits`): its
+    per-pixel work at full resolution then runs along image rows rather than along the 11 classes, which
+    XLA:CPU vectorises poorly (at 384x480 batch 8: upsampling + loss forward and backward ~110 instead of
+    ~155 ms, twice per step with the aux head). The width is resized first, at the input's height, by its interpolation
     matrix (a dot over the minor axis); the height then as `resize_bilinear` would (shifted sums for an
     integer factor with `impl` 'auto', else the matrix). Same values as `resize_bilinear` (to float rounding).
     """
@@ -741,12 +742,15 @@ class FastSCNN(nn.Module):
         return max(8, int(round(channels * self.width)))
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, channels_first: bool = False) -> jax.Array:
+    def __call__(
+        self, images: jax.Array, train: bool = False, channels_first: bool = False, upsample: bool = True
+    ) -> jax.Array:
         """Returns [B, H, W, num_classes] logits; with `channels_first`, [B, num_classes, H, W].
 
-        `channels_first` (the train step's choice; aux logits sown the same way) transposes the logits
-        at 1/8 resolution and upsamples them with `resize_bilinear_class_major`: same values, faster
-        per-pixel work at full resolution.
+        `channels_first` (aux logits sown the same way) transposes the logits at 1/8 resolution and
+        upsamples them with `resize_bilinear_class_major`: same values, faster per-pixel work at full
+        resolution. `upsample=False` (the train step's choice, with `channels_first`) returns, and sows,
+        the float32 logits at 1/8 resolution; `train.loss_logits` upsamples them for the loss.
         """
         size = images.shape[1:3]
         x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
@@ -785,14 +789,18 @@ class FastSCNN(nn.Module):
             aux = AuxHead(
                 self.num_classes, self._ch(32), self.dropout_rate, self.dtype, impl, name="aux_head"
             )(high, train)
-            aux = self._upsample(aux, size, channels_first)
+            aux = self._upsample(aux, size, channels_first, upsample)
             self.sow("intermediates", "aux_logits", aux.astype(jnp.float32))
         # Named, so that an export can find these ops (export.py keeps them in float in tflite_int8_mixed).
         with jax.named_scope("upsample_logits"):
-            return self._upsample(logits, size, channels_first).astype(jnp.float32)
+            return self._upsample(logits, size, channels_first, upsample).astype(jnp.float32)
 
-    def _upsample(self, logits: jax.Array, size: Sequence[int], channels_first: bool) -> jax.Array:
-        """NHWC low-resolution `logits` resized to `size`, NHWC or (`channels_first`) NCHW."""
+    def _upsample(
+        self, logits: jax.Array, size: Sequence[int], channels_first: bool, upsample: bool = True
+    ) -> jax.Array:
+        """NHWC low-resolution `logits` resized to `size` (unless not `upsample`), NHWC or NCHW."""
+        if not upsample:
+            return jnp.transpose(logits, (0, 3, 1, 2)) if channels_first else logits
         if channels_first:
             logits = jnp.transpose(logits, (0, 3, 1, 2))
             return resize_bilinear_class_major(logits, size, self.torch_compat, self.resize_impl)

@@ -169,19 +169,142 @@ def _cross_entropy_fwd(logits, labels, label_smoothing, axis):
     return lse - target_logit, (logits, labels, lse)
 
 
-def _cross_entropy_bwd(label_smoothing, axis, residuals, grad):
-    """Gradient w.r.t. logits, (softmax - target) * grad; none w.r.t. the integer labels."""
-    logits, labels, lse = residuals
-    num_classes = logits.shape[axis]
-    planes = _class_planes(logits, axis)
+def _plane_grads(planes, labels, lse, label_smoothing, grad):
+    """(softmax - target) * grad, one array per class plane."""
+    num_classes = len(planes)
     grads = []
     for k, p in enumerate(planes):
         target = (labels == k).astype(jnp.float32) * (1.0 - label_smoothing) + label_smoothing / num_classes
         grads.append((jnp.exp(p - lse) - target) * grad)
-    return jnp.stack(grads, axis), None
+    return grads
+
+
+def _cross_entropy_bwd(label_smoothing, axis, residuals, grad):
+    """Gradient w.r.t. logits, (softmax - target) * grad; none w.r.t. the integer labels."""
+    logits, labels, lse = residuals
+    planes = _class_planes(logits, axis)
+    return jnp.stack(_plane_grads(planes, labels, lse, label_smoothing, grad), axis), None
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+# The train step's logits upsampled in height by an integer factor s, without the full-resolution array.
+# Bilinear (half-pixel) upsampling by s makes output row i * s + r a weighted sum of input rows i - 1, i and
+# i + 1 with weights that depend only on the phase r (`models._upsample_phases`). The loss and the confusion
+# matrix are sums over pixels, so they can take the pixels in any order: with the labels rearranged to
+# [B, s, h, W] (phase r, then low-resolution row i), each phase of the logits is an elementwise expression of
+# the three row-shifted [B, h, W] class planes of the width-upsampled logits, which XLA fuses into the
+# loss, its gradient and the argmax. Upsampling by a stack (what `models.resize_bilinear_class_major`
+# does) wrote the [B, K, H, W] logits out and read them back, forward and backward: ~80 ms of the 384x480
+# batch-8 train step on XLA:CPU. Same values to float rounding (the same weights, summed in the same order).
+
+
+def height_phase_layout(x: jax.Array, scale: int) -> jax.Array:
+    """[B, H, ...] -> [B, scale, H // scale, ...]: full-resolution row i * scale + r goes to [:, r, i]."""
+    b, height = x.shape[:2]
+    x = x.reshape((b, height // scale, scale) + x.shape[2:])
+    return jnp.swapaxes(x, 1, 2)
+
+
+def height_phase_planes(logits: jax.Array, scale: int) -> list[jax.Array]:
+    """The K class planes of [B, K, h, W] `logits` upsampled in height by `scale`, each [B, scale, h, W].
+
+    Plane k equals `height_phase_layout` of `models.resize_bilinear_class_major(logits, (h * scale, W))`
+    [:, k], written as sums of shifted rows so that XLA fuses it into whatever reads it.
+    """
+    weights = models._upsample_phases(scale)
+    taps = models._upsample_taps(logits, axis=2)
+    planes = []
+    for k in range(logits.shape[1]):
+        terms = [
+            jnp.asarray(weights[:, t], logits.dtype)[:, None, None] * taps[t][:, k, None] for t in range(3)
+        ]
+        planes.append(_sum(terms))
+    return planes
+
+
+def _height_phase_grad(logits, labels, lse, label_smoothing, scale, grad):
+    """Gradient w.r.t. [B, K, h, W] `logits` of `_phase_cross_entropy` (upstream gradient `grad`).
+
+    (softmax - target) * grad for all classes and phases at once, [B, K, s, h, W], then the upsampling's
+    transpose: each of the three row taps gets the phases' weighted sum, and the taps' own transpose
+    (shifts and the repeated edge rows) gives the gradient of the logits.
+    """
+    num_classes = logits.shape[1]
+    weights = models._upsample_phases(scale)
+    taps, taps_vjp = jax.vjp(lambda x: models._upsample_taps(x, axis=2), logits)
+    z = _sum(
+        [jnp.asarray(weights[:, t], logits.dtype)[:, None, None] * taps[t][:, :, None] for t in range(3)]
+    )
+    classes = jnp.arange(num_classes)[:, None, None, None]
+    target = (labels[:, None] == classes).astype(jnp.float32) * (1.0 - label_smoothing)
+    target = target + label_smoothing / num_classes
+    g = (jnp.exp(z - lse[:, None]) - target) * grad[:, None]
+    per_tap = []
+    for t in range(3):
+        terms = [float(weights[r, t]) * g[:, :, r] for r in range(scale) if weights[r, t] != 0]
+        per_tap.append(_sum(terms))
+    (grad_logits,) = taps_vjp(per_tap)
+    return grad_logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _phase_cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float, scale: int
+) -> jax.Array:
+    """`_cross_entropy` of `height_phase_planes(logits, scale)` against [B, scale, h, W] `labels`."""
+    return _phase_cross_entropy_fwd(logits, labels, label_smoothing, scale)[0]
+
+
+def _phase_cross_entropy_fwd(logits, labels, label_smoothing, scale):
+    """Loss and residuals (the low-resolution logits, labels, logsumexp)."""
+    planes = height_phase_planes(logits, scale)
+    lse, target_logit = _logsumexp_and_target(planes, labels, label_smoothing)
+    return lse - target_logit, (logits, labels, lse)
+
+
+def _phase_cross_entropy_bwd(label_smoothing, scale, residuals, grad):
+    """(softmax - target) * grad, recomputed from the low-resolution logits, through the upsampling."""
+    logits, labels, lse = residuals
+    return _height_phase_grad(logits, labels, lse, label_smoothing, scale, grad), None
+
+
+_phase_cross_entropy.defvjp(_phase_cross_entropy_fwd, _phase_cross_entropy_bwd)
+
+
+def argmax_planes(planes: list[jax.Array]) -> jax.Array:
+    """Elementwise index of the largest of the class planes (the first on ties), as `jnp.argmax`."""
+    best, index = planes[0], jnp.zeros(planes[0].shape, jnp.int32)
+    for k, p in enumerate(planes[1:], 1):
+        better = p > best
+        best = jnp.where(better, p, best)
+        index = jnp.where(better, k, index)
+    return index
+
+
+def loss_logits(
+    logits: jax.Array, size, align_corners: bool = False, impl: str = "auto"
+) -> tuple[jax.Array, int]:
+    """[B, K, h, w] low-resolution logits in the form `segmentation_loss` takes for labels of `size`.
+
+    Returns (logits, height_scale): the logits upsampled in width and, where the height grows by an integer
+    factor that `models.resize_bilinear_class_major` would upsample by shifted sums, that factor
+    (`height_scale` > 1: the height is upsampled inside the loss); else the logits at full size and 1.
+    """
+    height, width = size
+    scale = None if align_corners or impl == "matrix" else models._integer_scale(height, logits.shape[2])
+    if scale is None:
+        return models.resize_bilinear_class_major(logits, size, align_corners, impl), 1
+    return models.resize_bilinear_class_major(logits, (logits.shape[2], width), align_corners, impl), scale
+
+
+def predictions_and_labels(logits: jax.Array, labels: jax.Array, height_scale: int = 1):
+    """argmax predictions of `loss_logits`' [B, K, h, W] logits and the [B, H, W] labels, in one layout."""
+    if height_scale == 1:
+        return argmax_planes(_class_planes(logits, 1)), labels
+    planes = height_phase_planes(jax.lax.stop_gradient(logits), height_scale)
+    return argmax_planes(planes), height_phase_layout(labels, height_scale)
 
 
 def segmentation_loss(
@@ -194,6 +317,7 @@ def segmentation_loss(
     ohem_threshold: float = 0.0,
     ohem_min_kept: int = 0,
     class_axis: int = -1,
+    height_scale: int = 1,
 ) -> jax.Array:
     """Cross-entropy over non-void pixels, optionally class-weighted, label-smoothed and OHEM-filtered.
 
@@ -207,26 +331,42 @@ def segmentation_loss(
       ohem_threshold: when > 0, only pixels whose true-class probability is below it count (OHEM).
       ohem_min_kept: with OHEM, at least this many of the hardest valid pixels always count.
       class_axis: the classes' axis of `logits` (1 for the train step's [B, K, H, W]).
+      height_scale: > 1: `logits` are [B, K, H // height_scale, W] (class_axis 1), to be upsampled in
+        height by this integer factor as `models.resize_bilinear_class_major` would (see `loss_logits`);
+        the loss is computed without writing out the full-resolution logits.
 
     Returns:
       scalar loss.
     """
     axis = class_axis % logits.ndim
     num_classes = logits.shape[axis]
-    if labels.shape != logits.shape[:axis] + logits.shape[axis + 1 :]:
+    expected = logits.shape[:axis] + logits.shape[axis + 1 :]
+    if height_scale != 1:
+        if axis != 1 or logits.ndim != 4:
+            raise ValueError(f"height_scale needs [B, K, h, W] logits (class_axis 1), got {logits.shape}")
+        expected = (expected[0], expected[1] * height_scale, expected[2])
+    if labels.shape != expected:
         raise ValueError(
             f"labels {labels.shape} do not match logits {logits.shape} without class axis {class_axis}"
+            + (f" upsampled {height_scale}x in height" if height_scale != 1 else "")
         )
     logits = logits.astype(jnp.float32)
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     labels = jnp.where(valid, labels, 0)
-    ce = _cross_entropy(logits, labels, float(label_smoothing), axis)
+    if height_scale != 1:
+        valid = height_phase_layout(valid, height_scale)
+        labels = height_phase_layout(labels, height_scale)
+        ce = _phase_cross_entropy(logits, labels, float(label_smoothing), height_scale)
+        planes = height_phase_planes(logits, height_scale) if ohem_threshold > 0 else None
+    else:
+        ce = _cross_entropy(logits, labels, float(label_smoothing), axis)
+        planes = _class_planes(logits, axis) if ohem_threshold > 0 else None
     pixel_weight = valid.astype(jnp.float32)
     if weights is not None:
         per_class = [jnp.where(labels == k, weights[k], 0.0) for k in range(num_classes)]
         pixel_weight = pixel_weight * _sum(per_class)
     if ohem_threshold > 0:
-        lse, true_logit = _logsumexp_and_target(_class_planes(logits, axis), labels, 0.0)
+        lse, true_logit = _logsumexp_and_target(planes, labels, 0.0)
         true_prob = jax.lax.stop_gradient(jnp.exp(true_logit - lse))
         threshold = jnp.float32(ohem_threshold)
         if ohem_min_kept > 0:
@@ -256,33 +396,43 @@ def train_step(
         ohem_min_kept=config.ohem_min_kept,
         class_axis=1,
     )
+    size = batch["label"].shape[1:]
+
+    def upsampled(low):
+        """The [B, K, h, w] logits as the loss takes them (see `loss_logits`)."""
+        return loss_logits(low, size, align_corners=config.model.torch_compat)
 
     def loss_fn(params):
-        """Total loss, with the main logits and new BN statistics as auxiliaries."""
-        logits, mutated = state.apply_fn(
+        """Total loss, with the main logits (as `loss_logits` gives them) and new BN statistics."""
+        low, mutated = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
             train=True,
-            channels_first=True,  # [B, K, H, W]: see models.resize_bilinear_class_major
+            channels_first=True,  # [B, K, h, w] at 1/8 resolution, upsampled by `loss_logits`
+            upsample=False,
             rngs={"dropout": step_rng},
             mutable=["batch_stats", "intermediates"],
         )
-        loss = segmentation_loss(logits, batch["label"], **loss_kwargs)
+        logits, scale = upsampled(low)
+        loss = segmentation_loss(logits, batch["label"], height_scale=scale, **loss_kwargs)
         if config.model.aux_head and config.aux_loss_weight > 0:
-            (aux_logits,) = mutated["intermediates"]["aux_logits"]
+            (aux_low,) = mutated["intermediates"]["aux_logits"]
+            aux_logits, aux_scale = upsampled(aux_low)
             loss = loss + config.aux_loss_weight * segmentation_loss(
-                aux_logits, batch["label"], **loss_kwargs
+                aux_logits, batch["label"], height_scale=aux_scale, **loss_kwargs
             )
         return loss, (logits, mutated["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    scale = size[0] // logits.shape[2]  # as `loss_logits` chose it (1: logits at full size)
+    predictions, labels = predictions_and_labels(logits, batch["label"], scale)
     step_metrics = metrics.TrainMetrics.single_from_model_output(
         loss=loss,
-        logits=logits,
-        label=batch["label"],
-        valid=batch["label"] != config.ignore_label,
-        class_axis=1,
+        predictions=predictions,
+        num_classes=config.num_classes,
+        label=labels,
+        valid=labels != config.ignore_label,
     )
     return state, step_metrics
 

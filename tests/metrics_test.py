@@ -73,6 +73,20 @@ def test_from_model_output_and_merge():
         logits=class_major, label=jnp.asarray(LABELS), valid=jnp.asarray(VALID), class_axis=1
     )
     np.testing.assert_array_equal(third.compute(), EXPECTED)
+    # Predictions instead of logits (the train step's way): the same counts; num_classes is then needed.
+    fourth = metrics.ConfusionMatrix.from_model_output(
+        predictions=jnp.asarray(PREDICTIONS),
+        num_classes=3,
+        label=jnp.asarray(LABELS),
+        valid=jnp.asarray(VALID),
+    )
+    np.testing.assert_array_equal(fourth.compute(), EXPECTED)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        metrics.ConfusionMatrix.from_model_output(
+            predictions=jnp.asarray(PREDICTIONS), label=LABELS, valid=VALID
+        )
+    with pytest.raises(ValueError, match="logits or predictions"):
+        metrics.ConfusionMatrix.from_model_output(label=jnp.asarray(LABELS), valid=jnp.asarray(VALID))
 
 
 def test_eval_metrics_collection_merge_and_compute():

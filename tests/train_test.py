@@ -363,3 +363,59 @@ def test_class_major_loss_equals_class_last_in_value_and_gradient(loss_inputs):
         np.testing.assert_allclose(grad_first, jnp.transpose(grad_last, (0, 3, 1, 2)), rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="class axis 1"):
         train.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels), ignore_label=4, class_axis=1)
+
+
+@pytest.mark.parametrize("low, size", [((6, 5), (48, 40)), ((3, 7), (48, 28))])
+def test_loss_upsampled_inside_equals_loss_of_upsampled_logits(low, size):
+    """`loss_logits` + `segmentation_loss(height_scale=...)` (the train step's path, which never writes the
+    full-resolution logits) gives the loss and gradient of the logits upsampled by
+    `resize_bilinear_class_major`, and `predictions_and_labels` the same confusion matrix as their argmax."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 5) + low).astype(np.float32) * 3)
+    labels = jnp.asarray(rng.integers(0, 6, size=(2,) + size))  # 5 = void
+    weights = jnp.asarray([1.0, 2.0, 0.5, 3.0, 1.0], jnp.float32)
+    ohem = {"ohem_threshold": 0.7, "ohem_min_kept": 50}
+    cases = [{}, {"weights": weights, "label_smoothing": 0.1, **ohem}]
+    for kwargs in cases:
+
+        def full(x, kwargs=kwargs):
+            """The loss of the upsampled logits."""
+            up = train.models.resize_bilinear_class_major(x, size)
+            return train.segmentation_loss(up, labels, ignore_label=5, class_axis=1, **kwargs)
+
+        def inside(x, kwargs=kwargs):
+            """The loss with the height upsampled inside."""
+            y, scale = train.loss_logits(x, size)
+            assert scale == size[0] // low[0]
+            return train.segmentation_loss(
+                y, labels, ignore_label=5, class_axis=1, height_scale=scale, **kwargs
+            )
+
+        want, want_grad = jax.jit(jax.value_and_grad(full))(logits)
+        got, got_grad = jax.jit(jax.value_and_grad(inside))(logits)
+        np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+        np.testing.assert_allclose(
+            got_grad, want_grad, rtol=1e-4, atol=1e-6 * float(jnp.abs(want_grad).max())
+        )
+    y, scale = train.loss_logits(logits, size)
+    predictions, phase_labels = train.predictions_and_labels(y, labels, scale)
+    got = train.metrics.confusion_matrix(predictions, phase_labels, phase_labels != 5, 5)
+    up = train.models.resize_bilinear_class_major(logits, size)
+    want = train.metrics.confusion_matrix(jnp.argmax(up, 1), labels, labels != 5, 5)
+    np.testing.assert_array_equal(got, want)
+    assert float(want.sum()) == float((labels != 5).sum())
+
+
+def test_loss_logits_falls_back_to_full_size():
+    """Non-integer height factors, align_corners and the matrix resize keep the full-size logits (scale 1)."""
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(1, 3, 5, 6)).astype(np.float32))
+    for size, kwargs in [((23, 48), {}), ((40, 48), {"align_corners": True}), ((40, 48), {"impl": "matrix"})]:
+        y, scale = train.loss_logits(logits, size, **kwargs)
+        assert scale == 1
+        np.testing.assert_allclose(
+            y, train.models.resize_bilinear_class_major(logits, size, **kwargs), atol=1e-6
+        )
+    with pytest.raises(ValueError, match="upsampled 8x in height"):
+        train.segmentation_loss(
+            logits, jnp.zeros((1, 41, 6), jnp.int32), ignore_label=3, class_axis=1, height_scale=8
+        )
