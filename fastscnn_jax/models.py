@@ -185,9 +185,10 @@ def resize_bilinear_class_major(
     upsamples the width with this function and the height inside the loss, `train.loss_logits`): its
     per-pixel work at full resolution then runs along image rows rather than along the 11 classes, which
     XLA:CPU vectorises poorly (at 384x480 batch 8: upsampling + loss forward and backward ~110 instead of
-    ~155 ms, twice per step with the aux head). The width is resized first, at the input's height, by its interpolation
-    matrix (a dot over the minor axis); the height then as `resize_bilinear` would (shifted sums for an
-    integer factor with `impl` 'auto', else the matrix). Same values as `resize_bilinear` (to float rounding).
+    ~155 ms, twice per step with the aux head). The width is resized first, at the input's height, by its
+    interpolation matrix (a dot over the minor axis); the height then as `resize_bilinear` would (shifted
+    sums for an integer factor with `impl` 'auto', else the matrix). Same values as `resize_bilinear` (to
+    float rounding).
     """
     if impl not in RESIZE_IMPLS:
         raise ValueError(f"resize impl must be one of {RESIZE_IMPLS}, got {impl!r}")
