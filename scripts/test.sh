@@ -7,7 +7,7 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 # Huge pages for the tests' own XLA:CPU buffers too (fastscnn_jax/cli.py: the entry points restart with it).
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
-# Two workers (pytest-xdist), each test file on one of them (tests/conftest.py): most tests wait on one
-# single-threaded XLA compile at a time, so two run in about 70% of the time one does on 2 cores.
-# PYTEST_WORKERS=0 runs everything in this process.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
+# Two workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
+# most tests wait on one single-threaded XLA compile at a time, so two take about 80% of the time one does
+# on 2 cores. PYTEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -131,16 +131,3 @@ def http_dir(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-# With pytest-xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`): each test file runs on one worker, so
-# its module-scoped fixtures are built once, and tests/faults_test.py joins tests/main_test.py, whose
-# session-wide uninterrupted training run and compilation cache it reuses (`main_test.uninterrupted_run`).
-_SHARED_WORKER = {"faults_test": "main_test"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Marks every test with an `xdist_group` named after its file (see `_SHARED_WORKER`)."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(module, module)))
