@@ -169,21 +169,16 @@ def _cross_entropy_fwd(logits, labels, label_smoothing, axis):
     return lse - target_logit, (logits, labels, lse)
 
 
-def _plane_grads(planes, labels, lse, label_smoothing, grad):
-    """(softmax - target) * grad, one array per class plane."""
-    num_classes = len(planes)
+def _cross_entropy_bwd(label_smoothing, axis, residuals, grad):
+    """Gradient w.r.t. logits, (softmax - target) * grad; none w.r.t. the integer labels."""
+    logits, labels, lse = residuals
+    num_classes = logits.shape[axis]
+    planes = _class_planes(logits, axis)
     grads = []
     for k, p in enumerate(planes):
         target = (labels == k).astype(jnp.float32) * (1.0 - label_smoothing) + label_smoothing / num_classes
         grads.append((jnp.exp(p - lse) - target) * grad)
-    return grads
-
-
-def _cross_entropy_bwd(label_smoothing, axis, residuals, grad):
-    """Gradient w.r.t. logits, (softmax - target) * grad; none w.r.t. the integer labels."""
-    logits, labels, lse = residuals
-    planes = _class_planes(logits, axis)
-    return jnp.stack(_plane_grads(planes, labels, lse, label_smoothing, grad), axis), None
+    return jnp.stack(grads, axis), None
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
@@ -215,15 +210,14 @@ def height_phase_planes(logits: jax.Array, scale: int) -> list[jax.Array]:
     Plane k equals `height_phase_layout` of `models.resize_bilinear_class_major(logits, (h * scale, W))`
     [:, k], written as sums of shifted rows so that XLA can fuse it into whatever reads it.
     """
-    weights = models._upsample_phases(scale)
     taps = models._upsample_taps(logits, axis=2)
-    planes = []
-    for k in range(logits.shape[1]):
-        terms = [
-            jnp.asarray(weights[:, t], logits.dtype)[:, None, None] * taps[t][:, k, None] for t in range(3)
-        ]
-        planes.append(_sum(terms))
-    return planes
+    return [_height_phases([tap[:, k, None] for tap in taps], scale) for k in range(logits.shape[1])]
+
+
+def _height_phases(taps: list[jax.Array], scale: int) -> jax.Array:
+    """The `scale` output-row phases from the three row taps, each with a size-1 phase axis at -3."""
+    weights = models._upsample_phases(scale)
+    return _sum([jnp.asarray(weights[:, t], tap.dtype)[:, None, None] * tap for t, tap in enumerate(taps)])
 
 
 def _height_phase_grad(logits, labels, lse, label_smoothing, scale, grad):
@@ -236,9 +230,7 @@ def _height_phase_grad(logits, labels, lse, label_smoothing, scale, grad):
     num_classes = logits.shape[1]
     weights = models._upsample_phases(scale)
     taps, taps_vjp = jax.vjp(lambda x: models._upsample_taps(x, axis=2), logits)
-    z = _sum(
-        [jnp.asarray(weights[:, t], logits.dtype)[:, None, None] * taps[t][:, :, None] for t in range(3)]
-    )
+    z = _height_phases([tap[:, :, None] for tap in taps], scale)
     classes = jnp.arange(num_classes)[:, None, None, None]
     target = (labels[:, None] == classes).astype(jnp.float32) * (1.0 - label_smoothing)
     target = target + label_smoothing / num_classes

@@ -3,10 +3,11 @@
   python scripts/profile_step.py train    # batch 8: the benchmark's train row, op by op
   python scripts/profile_step.py infer    # batch 1
 
-Prints the median step time, then the XLA ops (fusions) that took longest in a jax.profiler trace of three
-steps (time summed over the threads that ran them, so per-step totals exceed the step time), each with its
-output shape and the JAX op it came from, then totals by kind. This is how benchmarks/README.md's
-"where the time goes" numbers were found. Writes the trace under /tmp/profile_step_<mode>.
+Prints the mean time of three steps (after three warm-up steps), then the XLA ops (fusions) that took
+longest in a jax.profiler trace of three steps (time summed over the threads that ran them, so per-step
+totals exceed the step time), each with its output shape and the JAX op it came from, then totals by kind.
+This is how benchmarks/README.md's "where the time goes" numbers were found. Writes the trace under
+/tmp/profile_step_<mode>.
 """
 
 import collections
@@ -64,7 +65,6 @@ for e in ev:
         tot[e["name"]] += e["dur"]
         cnt[e["name"]] += 1
 print("top events (us total over 3 steps, summed over threads)")
-allsum = sum(v for k, v in tot.items())
 for k, v in tot.most_common(60):
     print(f"{v / 3 / 1e3:9.2f} ms {cnt[k] // 3:4d}x  {k[:110]}")
 if mode == "train":
