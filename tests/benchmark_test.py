@@ -116,3 +116,20 @@ def test_ratio_is_jax_over_torch_throughput_on_matching_rows():
     benchmark.add_ratios(rows)
     assert rows[0]["ratio_vs_torch"] == 1.5
     assert "ratio_vs_torch" not in rows[1] and "ratio_vs_torch" not in rows[2]
+
+
+def test_timed_inference_returns_the_models_logits_classes_first():
+    """The JAX inference row times the model's forward pass, logits [B, K, H, W] as PyTorch's peer returns."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configs import tiny
+    from fastscnn_jax import train
+
+    config = tiny.get_config()
+    runner = benchmark.JaxRunner(config)
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)), jnp.float32)
+    timed = runner.infer(runner.variables, images)
+    logits = train.create_model(config).apply(runner.variables, images, train=False)
+    assert timed.shape == (2, config.num_classes, 64, 96)
+    np.testing.assert_allclose(timed, jnp.transpose(logits, (0, 3, 1, 2)), rtol=1e-5, atol=1e-5)
