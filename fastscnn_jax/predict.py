@@ -109,10 +109,11 @@ class Segmenter:
             width=settings["width"],
             torch_compat=settings.get("torch_compat", False),
         )
+        # Classes-first logits: the same argmax, 10-15% faster on XLA:CPU (see `train.eval_step`).
         self._classes = jax.jit(
-            lambda variables, images: jnp.argmax(model.apply(variables, images, train=False), -1).astype(
-                jnp.uint8
-            )
+            lambda variables, images: jnp.argmax(
+                model.apply(variables, images, train=False, channels_first=True), 1
+            ).astype(jnp.uint8)
         )
 
     def __call__(self, image: np.ndarray, max_side: int) -> np.ndarray:
