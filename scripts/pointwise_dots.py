@@ -5,8 +5,10 @@
 Batch-1 inference spends over half its time in these dots (benchmarks/README.md). Each [pixels, C_in] x
 [C_in, C_out] product is timed ten times in a row per call, so that JAX's per-call dispatch is not what is
 measured: in one jitted `lax.fori_loop` (each product's input depends on the one before, so none can be
-hoisted or skipped) and in a Python loop of `torch.mm`, on the same thread count; the median of 30 calls
-after 3 warm-up calls, divided by ten. The totals weight each shape by how often the network uses it.
+hoisted or skipped; the added scalar costs JAX one extra pass over the input, so its times are if anything
+high) and in a Python loop of `torch.mm`, on the same thread count; the median of 30 calls after 3 warm-up
+calls, divided by ten. The last column is JAX's time over PyTorch's (> 1: JAX slower). The totals weight
+each shape by how often the network uses it.
 """
 
 import os
@@ -76,7 +78,8 @@ def main():
         return y
 
     total_jax = total_torch = 0.0
-    print(f"{'pixels x C_in x C_out':>22} {'uses':>4} {'jax ms':>8} {'torch ms':>8} {'torch/jax':>9}  layer")
+    header = f"{'pixels x C_in x C_out':>22} {'uses':>4} {'jax ms':>8} {'torch ms':>8} {'jax/torch':>9}"
+    print(header + "  layer (jax/torch: time ratio)")
     for pixels, c_in, c_out, uses, where in SHAPES:
         x = rng.standard_normal((pixels, c_in), np.float32)
         w = rng.standard_normal((c_in, c_out), np.float32)
