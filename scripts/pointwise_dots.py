@@ -12,12 +12,15 @@ each shape by how often the network uses it.
 """
 
 import os
-import time
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 import torch
 from jax import lax
+
+from fastscnn_jax import benchmark
 
 REPEATS = 10
 
@@ -42,21 +45,15 @@ SHAPES = [
 ]
 
 
-def median_ms(call, iters=30):
-    """Median wall time of `call` in ms after three untimed calls."""
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+def median_ms(call, sync) -> float:
+    """Median of 30 timed calls in ms, after three untimed ones (`benchmark.time_calls`)."""
+    _, times = benchmark.time_calls(call, sync, warmup=2, iters=30)
     return float(np.median(times)) * 1e3
 
 
 def main():
     """Prints one row per shape and the weighted totals."""
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(benchmark.cpu_threads())
     rng = np.random.default_rng(0)
 
     @jax.jit
@@ -85,8 +82,8 @@ def main():
         w = rng.standard_normal((c_in, c_out), np.float32)
         jx, jw = jax.device_put(x), jax.device_put(w)
         tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-        t_jax = median_ms(lambda jx=jx, jw=jw: jax_repeats(jx, jw).block_until_ready()) / REPEATS
-        t_torch = median_ms(lambda tx=tx, tw=tw: torch_repeats(tx, tw)) / REPEATS
+        t_jax = median_ms(lambda jx=jx, jw=jw: jax_repeats(jx, jw), jax.block_until_ready) / REPEATS
+        t_torch = median_ms(lambda tx=tx, tw=tw: torch_repeats(tx, tw), lambda _: None) / REPEATS
         total_jax += uses * t_jax
         total_torch += uses * t_torch
         shape = f"{pixels} x {c_in} x {c_out}"
