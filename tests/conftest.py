@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import pathlib
+import shutil
+import tempfile
 import threading
 
 import numpy as np
@@ -13,6 +16,33 @@ import pytest
 from PIL import Image
 
 from fastscnn_jax import camvid
+
+_CACHE_VAR = "FASTSCNN_JAX_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache, fresh for each pytest session, for every process of it.
+
+    Most of the suite's time is XLA:CPU compiling (a tiny train step takes ~20 s on 2 cores), and many
+    tests compile the same programs: in this process, in pytest-xdist's workers and in the `python -m
+    fastscnn_jax.*` runs they start. The controller (or the only process) makes the folder; the workers and
+    every subprocess inherit it through the environment. Programs that compile in under a second are not
+    cached (JAX's default). A cached executable is the one the compiler made, so results are the same
+    (tests/main_test.py's resume tests compare runs bit for bit across it).
+    """
+    if _CACHE_VAR not in os.environ:
+        os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="fastscnn_jax_test_cache_")
+        config._fastscnn_cache_owner = True
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VAR]
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+
+
+def pytest_unconfigure(config):
+    """The process that made the cache folder removes it."""
+    if getattr(config, "_fastscnn_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_CACHE_VAR), ignore_errors=True)
 
 
 def make_fake_camvid(

@@ -37,8 +37,9 @@ def compile_cache_env(tmp_path_factory) -> dict:
     A run that finds its programs there skips about a minute of compiling on 2 CPU cores; the executables are
     the same, so the results are bit-equal (the resume tests below compare against a run that wrote it).
     """
-    if "cache" not in _SESSION:
-        _SESSION["cache"] = tmp_path_factory.mktemp("jax_cache")
+    if "cache" not in _SESSION:  # tests/conftest.py's session-wide cache, else one of this process's own
+        cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        _SESSION["cache"] = cache or tmp_path_factory.mktemp("jax_cache")
     return {
         **_env(),
         "JAX_COMPILATION_CACHE_DIR": str(_SESSION["cache"]),
@@ -116,7 +117,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_parameters(trained, tmp_pa
         stopped = int(stderr.split("SIGTERM at step ")[1].split(":")[0])
         assert (workdir / "checkpoints" / str(stopped) / "state").is_dir()
 
-    # The interrupted run compiled afresh; the resumed one reuses the reference run's cached executables.
+    # The resumed run reuses the reference run's cached executables.
     result = subprocess.run(
         command, env={**_env(), **_cache_vars()}, capture_output=True, text=True, timeout=600
     )
