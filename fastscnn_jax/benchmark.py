@@ -8,7 +8,8 @@ r"""Measures Fast-SCNN's speed on the devices JAX sees: inference, train steps a
 Every measurement is timed the same way: one first call (for JAX it includes jit compilation and is reported
 as `compile_s`), `--warmup` untimed calls, then `--iters` timed calls, each waited for with
 `block_until_ready` (or `torch.cuda.synchronize`); rows give the median and 90th percentile of the timed calls
-and items (images) per second at the median. Modes:
+and items (images) per second at the median. With `--rounds=N` each model row is timed N times, JAX and
+PyTorch in turn, and the row pools the N * `--iters` timed calls. Modes:
 
   inference       the jitted forward pass (`train=False`) at each `--sizes` and `--batch`.
   train           `train.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
@@ -170,6 +171,8 @@ def _row(framework, mode, shape, dtype, compile_s, times, peak, **extra) -> dict
         **summarize(times, batch),
         "peak_memory_bytes": peak[0],
         "peak_memory_source": peak[1],
+        "rounds": 1,
+        "times_ms": [round(t * 1e3, 4) for t in times],
         **extra,
     }
 
@@ -459,6 +462,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pool_rounds(rows: list[dict]) -> dict:
+    """One row from the rows of the same measurement's rounds: their timed calls pooled (median, p90 and
+    items/s of all of them), the first round's `compile_s` (later first calls compile nothing), the largest
+    peak memory."""
+    first = rows[0]
+    times_ms = [t for row in rows for t in row["times_ms"]]
+    pooled = {**first, **summarize([t / 1e3 for t in times_ms], first["batch"])}
+    pooled.update(
+        rounds=len(rows),
+        times_ms=times_ms,
+        peak_memory_bytes=max(row["peak_memory_bytes"] for row in rows),
+    )
+    return pooled
+
+
+def measure_rounds(runners: list, method: str, batch: dict, warmup: int, iters: int, rounds: int) -> list:
+    """`runner.<method>(batch, warmup, iters)` for each runner, `rounds` times in turn (JAX, PyTorch, JAX,
+    PyTorch, ...), each runner's rounds pooled into one row: both frameworks then sample the same stretches of
+    a machine whose speed drifts (a shared VM's does, by 2x within minutes), where one block each would
+    give each its own stretch. Each round starts with its own untimed calls, so neither framework is timed
+    on caches the other has just filled."""
+    per_runner = [[] for _ in runners]
+    for _ in range(rounds):
+        for rows, runner in zip(per_runner, runners, strict=True):
+            rows.append(getattr(runner, method)(batch, warmup, iters))
+    return [pool_rounds(rows) for rows in per_runner]
+
+
 def run_benchmark(
     config,
     *,
@@ -469,6 +500,7 @@ def run_benchmark(
     iters: int,
     modes: tuple[str, ...] = MODES,
     compare_torch: bool = False,
+    rounds: int = 1,
 ) -> dict:
     """Runs every measurement and returns the report.
 
@@ -482,16 +514,21 @@ def run_benchmark(
       iters: timed calls per row.
       modes: which of `MODES` to measure ('input_pipeline' needs the CamVid dataset).
       compare_torch: also time `torch_reference.FastSCNN` (needs torch).
+      rounds: times each model row `rounds` times, alternating between the frameworks (`measure_rounds`);
+        a row then pools `rounds * iters` timed calls.
 
     Returns:
       {"machine": `machine_info()`, "rows": [row, ...]}, rows with `framework`, `mode`, `height`, `width`,
-      `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, and for JAX rows
+      `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, `rounds`,
+      `times_ms` (every timed call), and for JAX rows
       `depthwise_impl` and, where a PyTorch row matches, `ratio_vs_torch`.
     """
     import numpy as np
 
-    if warmup < 0 or iters < 1:
-        raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    if warmup < 0 or iters < 1 or rounds < 1:
+        raise ValueError(
+            f"need --warmup >= 0, --iters >= 1 and --rounds >= 1, got {warmup}, {iters} and {rounds}"
+        )
     if not set(modes) <= set(MODES):
         raise ValueError(f"modes must be among {MODES}, got {modes}")
     # The model is built (and parameters initialised) only when a model mode is asked for.
@@ -506,13 +543,15 @@ def run_benchmark(
     for size in sizes if runners else []:
         for batch_size in batches if "inference" in modes else []:
             batch = _random_batch(rng, batch_size, size, config.num_classes, config.ignore_label)
-            for runner in runners:
-                rows.append(runner.inference_row(batch, warmup, iters))
-                print(format_table(rows[-1:]).splitlines()[2], flush=True)
+            for row in measure_rounds(runners, "inference_row", batch, warmup, iters, rounds):
+                rows.append(row)
+                print(format_table([row]).splitlines()[2], flush=True)
         batch = _random_batch(rng, train_batch, size, config.num_classes, config.ignore_label)
-        for runner in runners if "train" in modes else []:
-            rows.append(runner.train_row(batch, warmup, iters))
-            print(format_table(rows[-1:]).splitlines()[2], flush=True)
+        for row in (
+            measure_rounds(runners, "train_row", batch, warmup, iters, rounds) if "train" in modes else []
+        ):
+            rows.append(row)
+            print(format_table([row]).splitlines()[2], flush=True)
     if "input_pipeline" in modes:
         rows.append(input_pipeline_row(config, warmup, iters))
     add_ratios(rows)
@@ -558,6 +597,7 @@ def main(argv):
         iters=FLAGS.iters,
         modes=modes,
         compare_torch=FLAGS.compare_torch,
+        rounds=FLAGS.rounds,
     )
     machine = report["machine"]
     devices = f"{machine['device_kind']} x{len(machine['devices'])} ({machine['platform']})"
@@ -583,6 +623,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("train_batch", 8, "Train-step batch size (a multiple of the device count).")
     flags.DEFINE_integer("iters", 20, "Timed calls per row.")
     flags.DEFINE_integer("warmup", 3, "Untimed calls after the first (compiling) call.")
+    flags.DEFINE_integer(
+        "rounds", 1, "Time each model row this many times, alternating JAX and PyTorch; rows pool them."
+    )
     flags.DEFINE_enum(
         "dtype", None, ["float32", "bfloat16"], "Compute dtype; default the config's model.dtype."
     )

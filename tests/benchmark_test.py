@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fastscnn_jax import benchmark
@@ -38,7 +39,7 @@ def _run(*args, pythonpath=REPO):
 def tiny_run(tmp_path_factory, data_flags):
     """One float32 run of every mode; returns (completed process, parsed JSON report)."""
     output = tmp_path_factory.mktemp("benchmark") / "tiny.json"
-    result = _run(*TINY_FLAGS, f"--output={output}", *data_flags)
+    result = _run(*TINY_FLAGS, "--rounds=2", f"--output={output}", *data_flags)
     assert result.returncode == 0, result.stderr[-4000:]
     return result, json.loads(output.read_text())
 
@@ -58,6 +59,9 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     assert {(r["height"], r["width"]) for r in model_rows} == {(64, 96)}
     assert {r["batch"] for r in rows if r["mode"] == "train"} == {2}
     assert all(r["depthwise_impl"] == "shifted" for r in model_rows)  # 'auto' on CPU
+    for row in model_rows:  # two rounds of --iters=2 timed calls, pooled
+        assert row["rounds"] == 2 and len(row["times_ms"]) == 4, row
+        assert row["median_ms"] == pytest.approx(float(np.median(row["times_ms"])), abs=1e-3)
     pipeline = next(r for r in rows if r["mode"] == "input_pipeline")
     assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (64, 96, 4)  # tiny crop and batch
     assert not any("ratio_vs_torch" in r for r in rows)  # no torch rows to compare with
@@ -116,6 +120,50 @@ def test_ratio_is_jax_over_torch_throughput_on_matching_rows():
     benchmark.add_ratios(rows)
     assert rows[0]["ratio_vs_torch"] == 1.5
     assert "ratio_vs_torch" not in rows[1] and "ratio_vs_torch" not in rows[2]
+
+
+def test_rounds_alternate_between_the_frameworks_and_pool_their_calls():
+    """`measure_rounds` times JAX, PyTorch, JAX, PyTorch, ... and gives one row per runner that pools its
+    rounds' calls, with the first round's compile time and the largest peak memory."""
+    calls = []
+
+    class Runner:
+        """Stands in for JaxRunner / TorchRunner: a row of fixed times per call, the order recorded."""
+
+        def __init__(self, framework, times):
+            self.framework, self.times = framework, times
+
+        def inference_row(self, batch, warmup, iters):
+            calls.append((self.framework, warmup, iters))
+            n = sum(1 for c in calls if c[0] == self.framework)
+            times = [t * n for t in self.times]  # later rounds slower, as on a drifting machine
+            compile_s = 5.0 / n if self.framework == "jax" else None
+            return benchmark._row(
+                self.framework,
+                "inference",
+                batch["image"].shape,
+                "float32",
+                compile_s,
+                times,
+                (100 * n, "test"),
+            )
+
+    batch = {"image": np.zeros((2, 8, 16, 3), np.float32)}
+    runners = [Runner("jax", [0.010, 0.030]), Runner("torch", [0.020, 0.040])]
+    jax_row, torch_row = benchmark.measure_rounds(
+        runners, "inference_row", batch, warmup=1, iters=2, rounds=3
+    )
+    assert calls == [("jax", 1, 2), ("torch", 1, 2)] * 3
+    assert jax_row["times_ms"] == pytest.approx([10, 30, 20, 60, 30, 90])
+    assert jax_row["median_ms"] == pytest.approx(30.0) and jax_row["items_per_s"] == pytest.approx(
+        2 / 0.03, abs=1e-3
+    )
+    assert jax_row["p90_ms"] == pytest.approx(float(np.percentile([10, 30, 20, 60, 30, 90], 90)))
+    assert jax_row["rounds"] == 3 and jax_row["compile_s"] == 5.0 and jax_row["peak_memory_bytes"] == 300
+    assert torch_row["framework"] == "torch" and torch_row["compile_s"] is None
+    assert torch_row["median_ms"] == pytest.approx(50.0)  # of 20, 40, 40, 80, 60, 120
+    with pytest.raises(ValueError, match="--rounds"):
+        benchmark.run_benchmark(None, sizes=[], batches=[], train_batch=1, warmup=0, iters=1, rounds=0)
 
 
 def test_timed_inference_returns_the_models_logits_classes_first():
