@@ -223,7 +223,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
         state, m = step(state, batch)
         losses.append(float(m.compute()["loss"]))
     assert np.all(np.isfinite(losses))
-    # 3.46 -> 2.13 after 25 steps on an AMD EPYC (0.62x; under 0.6x on the Intel Xeons): the trajectory
+    # 3.46 -> 2.13 after 25 steps on an AMD EPYC VM (0.62x; the Intel Xeon VMs got under 0.6x): the trajectory
     # depends on the CPU's float arithmetic. A step that learned nothing would leave the loss near 3.46.
     assert losses[-1] < 0.75 * losses[0], losses
     assert max(losses[-5:]) < min(losses[:5]), losses
