@@ -70,11 +70,8 @@ def main():
     times = {name: [] for name in executables}
     for _ in range(infer_rounds):
         for name, e in executables.items():
-            jax.block_until_ready(e(variables, images))
-            for _ in range(8):
-                start = time.perf_counter()
-                jax.block_until_ready(e(variables, images))
-                times[name].append(time.perf_counter() - start)
+            call = functools.partial(e, variables, images)
+            times[name] += benchmark.time_calls(call, jax.block_until_ready, warmup=0, iters=8)[1]
     report(times, "inference")
     if not train_rounds:
         return

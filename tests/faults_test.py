@@ -66,11 +66,11 @@ def _truncate_state(step_dir):
     return path
 
 
-def _run_main(workdir, data_flags, tmp_path_factory):
+def _run_main(workdir, data_flags):
     """The normal training command on `workdir`, to completion."""
     return subprocess.run(
         _command("main", f"--workdir={workdir}", data_flags=data_flags),
-        env=compile_cache_env(tmp_path_factory),
+        env=compile_cache_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -90,7 +90,7 @@ def killed_mid_save(tmp_path_factory, data_flags):
     marker = root / "save_in_progress"
     partial_item = workdir / "checkpoints" / f"6{checkpointing.PARTIAL_MARK}" / "state"
     env = {
-        **compile_cache_env(tmp_path_factory),
+        **compile_cache_env(),
         "HOLD_SAVE_OF": str(partial_item),
         "HOLD_MARKER": str(marker),
     }
@@ -118,7 +118,7 @@ def killed_mid_save(tmp_path_factory, data_flags):
         )
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
-    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, data_flags, tmp_path_factory)
+    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, data_flags)
 
 
 def test_kill_during_save_resumes_from_the_previous_checkpoint(killed_mid_save, tmp_path_factory, data_flags):
@@ -149,7 +149,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     workdir = tmp_path / "run"
     shutil.copytree(killed_mid_save[0], workdir)
     _truncate_state(workdir / "checkpoints" / str(FINAL))
-    result = _run_main(workdir, data_flags, tmp_path_factory)
+    result = _run_main(workdir, data_flags)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (
         f"Checkpoint step {FINAL} in {workdir / 'checkpoints'} does not restore; skipping it."
@@ -168,16 +168,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     _assert_same_variables(workdir / "best" / str(FINAL), reference / "best" / str(FINAL))
 
 
-def test_no_restorable_checkpoint_stops_instead_of_starting_over(
-    killed_mid_save, tmp_path, tmp_path_factory, data_flags
-):
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save, tmp_path, data_flags):
     """Every checkpoint damaged (step 10: a flipped byte, caught by its SHA-256; step 8: a truncated file):
     the command fails naming each step and why, and changes nothing."""
     workdir = tmp_path / "run"
     shutil.copytree(killed_mid_save[0], workdir)
     _flip_a_byte(workdir / "checkpoints" / str(FINAL))
     _truncate_state(workdir / "checkpoints" / "8")
-    result = _run_main(workdir, data_flags, tmp_path_factory)
+    result = _run_main(workdir, data_flags)
     assert result.returncode != 0
     # One line from main, naming the folder and each step's reason, not a traceback of ours (orbax's threads
     # may still print "Event loop is closed" tracebacks at exit).

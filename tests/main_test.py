@@ -31,30 +31,22 @@ def _env():
 _SESSION: dict = {}
 
 
-def compile_cache_env(tmp_path_factory) -> dict:
-    """`_env()` plus a persistent JAX compilation cache shared by this session's runs.
+def _cache_vars() -> dict:
+    """tests/conftest.py's session-wide JAX compilation cache, with every program written to it."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"],
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def compile_cache_env() -> dict:
+    """`_env()` plus `_cache_vars()`: a run's programs go to (and come from) the session's cache.
 
     A run that finds its programs there skips about a minute of compiling on 2 CPU cores; the executables are
     the same, so the results are bit-equal (the resume tests below compare against a run that wrote it).
     """
-    if "cache" not in _SESSION:  # tests/conftest.py's session-wide cache, else one of this process's own
-        cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-        _SESSION["cache"] = cache or tmp_path_factory.mktemp("jax_cache")
-    return {
-        **_env(),
-        "JAX_COMPILATION_CACHE_DIR": str(_SESSION["cache"]),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-
-def _cache_vars() -> dict:
-    """The compilation-cache variables of `compile_cache_env` (after the reference run created the cache)."""
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(_SESSION["cache"]),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    return {**_env(), **_cache_vars()}
 
 
 def uninterrupted_run(tmp_path_factory, data_flags):
@@ -65,7 +57,7 @@ def uninterrupted_run(tmp_path_factory, data_flags):
         result = subprocess.run(
             _command("main", data_flags=data_flags),
             cwd=cwd,
-            env=compile_cache_env(tmp_path_factory),
+            env=compile_cache_env(),
             capture_output=True,
             text=True,
             timeout=600,
@@ -118,9 +110,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_parameters(trained, tmp_pa
         assert (workdir / "checkpoints" / str(stopped) / "state").is_dir()
 
     # The resumed run reuses the reference run's cached executables.
-    result = subprocess.run(
-        command, env={**_env(), **_cache_vars()}, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run(command, env=compile_cache_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Resuming from step" in result.stderr
     resumed, _ = checkpointing.load_variables(str(workdir / "checkpoints" / final))
