@@ -128,6 +128,31 @@ def jax_peak_memory() -> tuple[int, str]:
     return max_rss_bytes(), "process max RSS"
 
 
+# CPU features that decide which kernels XLA:CPU and PyTorch run: VMs sold under one name ("AMD EPYC")
+# differ here (with or without AVX-512), and the JAX/PyTorch ratios with them (benchmarks/README.md).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The first CPU's `processor` name, `cpu_family_model` ("family/model") and which of CPU_FEATURES it
+    has, from `cpuinfo` (Linux); elsewhere `platform.processor()` and None for the rest."""
+    fields = {}
+    if os.path.exists(cpuinfo):  # platform.processor() is often empty or just 'x86_64' on Linux
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block only
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    family, model = fields.get("cpu family"), fields.get("model")
+    return {
+        "processor": fields.get("model name") or platform.processor(),
+        "cpu_family_model": f"{family}/{model}" if family and model else None,
+        "cpu_features": [f for f in CPU_FEATURES if f in flags] if flags else None,
+    }
+
+
 def machine_info() -> dict:
     """Devices, CPU, platform and package versions, to say what a result file was measured on."""
     import jax
@@ -138,18 +163,13 @@ def machine_info() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    processor = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is often empty or just 'x86_64' on Linux
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        processor = names[0] if names else processor
     return {
         "platform": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
         "cpu_threads": cpu_threads(),
-        "processor": processor,
+        **cpu_info(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
@@ -601,7 +621,8 @@ def main(argv):
     )
     machine = report["machine"]
     devices = f"{machine['device_kind']} x{len(machine['devices'])} ({machine['platform']})"
-    print(f"\n{devices}, {machine['processor']}")
+    features = " ".join(machine["cpu_features"] or [])
+    print(f"\n{devices}, {machine['processor']} (family/model {machine['cpu_family_model']}; {features})")
     print(format_table(report["rows"]))
     if FLAGS.output:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)

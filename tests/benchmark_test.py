@@ -68,6 +68,25 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     machine = report["machine"]
     assert machine["platform"] == "cpu" and machine["devices"] and machine["cpu_count"] >= 1
     assert {"jax", "jaxlib", "flax", "numpy"} <= set(machine["versions"])
+    assert machine["processor"] and set(machine["cpu_features"] or []) <= set(benchmark.CPU_FEATURES)
+
+
+def test_cpu_info_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
+    """Name, family/model and the listed features of the first CPU block; no file: no family or features."""
+    first = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512bw\n"
+    )
+    second = "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: other\nflags\t\t: amx_tile\n"
+    path = tmp_path / "cpuinfo"
+    path.write_text(first + "\n" + second)
+    assert benchmark.cpu_info(str(path)) == {
+        "processor": "AMD EPYC 9B14",
+        "cpu_family_model": "25/17",
+        "cpu_features": ["avx2", "fma", "avx512f", "avx512_bf16"],
+    }
+    missing = benchmark.cpu_info(str(tmp_path / "absent"))
+    assert missing["cpu_family_model"] is None and missing["cpu_features"] is None
 
 
 def test_table_names_each_mode(tiny_run):
