@@ -217,33 +217,44 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, data_flags):
         "--config.checkpoint_every_steps=20",
         "--config.eval_every_steps=5000",
     ]
-    processes = [
-        subprocess.Popen(
-            [
-                *_main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}"),
-                "--num_processes=2",
-                f"--process_id={i}",
-                *extra,
-            ],
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    # stderr to files, not pipes: nothing reads a pipe until the end, and a full one would stall a process;
+    # the files also say why a process ended early.
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    processes = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as stderr:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *_main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}"),
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                        *extra,
+                    ],
+                    env=_env(1),
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            )
+
+    def tails() -> str:
+        return "".join(f"\nprocess {i}:\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
+
     try:
         deadline = time.time() + 400
         while not (workdir / "checkpoints" / "20").is_dir():
-            assert all(p.poll() is None for p in processes) and time.time() < deadline, "no first checkpoint"
+            assert all(p.poll() is None for p in processes), f"a process ended before step 20:{tails()}"
+            assert time.time() < deadline, f"no checkpoint of step 20 after 400 s:{tails()}"
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGTERM)
-        outputs = [p.communicate(timeout=300) for p in processes]
+        for p in processes:
+            p.wait(timeout=300)
     finally:
         for p in processes:
             p.kill()
-    for i, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
+    outputs = [log.read_text() for log in logs]
+    for i, (p, err) in enumerate(zip(processes, outputs, strict=True)):
         assert p.returncode == 0, f"process {i}:\n{err[-4000:]}"
-    stopped = [int(err.split("SIGTERM at step ")[1].split(":")[0]) for _, err in outputs]
+    stopped = [int(err.split("SIGTERM at step ")[1].split(":")[0]) for err in outputs]
     assert stopped[0] == stopped[1] and 20 < stopped[0] < 2000
     assert (workdir / "checkpoints" / str(stopped[0]) / "state").is_dir()
