@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import orbax.checkpoint as ocp
 from absl import logging
 
 MODES = ("auto", "on", "off")
@@ -106,3 +107,21 @@ def initialize(
 def _use_gloo_on_cpu() -> None:
     """Cross-process collectives for the CPU backend (GPU and TPU backends have their own)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+# gloo sets up its connections at a job's first CPU collective and waits only 30 s there for the other
+# processes (a fixed timeout in XLA): on a loaded machine one process reached it ~30 s after the other
+# (reading the train split, initialising) and both failed ("Gloo context initialization failed:
+# DEADLINE_EXCEEDED: GetKeyValue() timed out"). So the processes meet first at a barrier of the
+# coordination service, which waits as long as this.
+BARRIER_TIMEOUT_S = 600
+
+
+def wait_for_all_processes(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Blocks until every process of the job has called this with the same `name` (each name once), over
+    the distributed runtime's coordination service, not a collective; nothing when there is one process.
+
+    Raises:
+      jax.errors.JaxRuntimeError (DEADLINE_EXCEEDED): not all processes arrived within `timeout_s`.
+    """
+    ocp.multihost.get_barrier_sync_fn()(key=f"fastscnn_jax:{name}", timeout_ms=timeout_s * 1000)

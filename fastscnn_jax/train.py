@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastscnn_jax import camvid, checkpointing, input_pipeline, metrics, models
+from fastscnn_jax import camvid, checkpointing, input_pipeline, metrics, models, multihost
 
 CLASS_WEIGHTINGS = ("none", "enet", "median_frequency")
 
@@ -654,6 +654,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_train_state(config, model, init_rng, create_optimizer(config, learning_rate_fn))
     if is_chief:
         parameter_overview.log_parameter_overview(state.params)
+    multihost.wait_for_all_processes("before_the_first_collective")
     state = jax.device_put(state, replicated)
 
     checkpoints = checkpointing.Checkpoints(workdir, config.checkpoints_to_keep)
