@@ -110,10 +110,11 @@ def _use_gloo_on_cpu() -> None:
 
 
 # gloo sets up its connections at a job's first CPU collective and waits only 30 s there for the other
-# processes (a fixed timeout in XLA): on a loaded machine one process reached it ~30 s after the other
-# (reading the train split, initialising) and both failed ("Gloo context initialization failed:
-# DEADLINE_EXCEEDED: GetKeyValue() timed out"). So the processes meet first at a barrier of the
-# coordination service, which waits as long as this.
+# processes (a fixed timeout in XLA). `jax.distributed.initialize` waits for all processes, but what comes
+# after it (reading the train split, initialising the model) can take one process 30 s longer than another on
+# a loaded machine: in CI both then failed at the first collective ("Gloo context initialization failed:
+# DEADLINE_EXCEEDED: GetKeyValue() timed out"). So the processes meet first at a barrier of the coordination
+# service, which waits as long as this.
 BARRIER_TIMEOUT_S = 600
 
 
