@@ -11,7 +11,8 @@ as `compile_s`), `--warmup` untimed calls, then `--iters` timed calls, each wait
 and items (images) per second at the median. With `--rounds=N` each model row is timed N times, JAX and
 PyTorch in turn, and the row pools the N * `--iters` timed calls. Modes:
 
-  inference       the jitted forward pass (`train=False`) at each `--sizes` and `--batch`.
+  inference       the jitted forward pass (`train=False`) at each `--sizes` and `--batch`; on CPU with
+                  the faster of XLA:CPU's two matrix-product libraries (`--dot_library`, autotune.py).
   train           `train.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
                   `--train_batch`, on random images and labels.
   input_pipeline  `input_pipeline.train_dataset` on the real CamVid train split with the config's crop size
@@ -210,8 +211,11 @@ def _random_batch(rng, batch: int, size: tuple[int, int], num_classes: int, igno
 class JaxRunner:
     """The JAX model, its train state and jitted inference and train steps, built once for every size."""
 
-    def __init__(self, config):
-        """Initialises parameters and jits the steps (compilation happens per input shape, when first run)."""
+    def __init__(self, config, dot_library: str = "auto"):
+        """Initialises parameters and jits the steps (compilation happens per input shape, when first run).
+
+        `dot_library` chooses XLA:CPU's matrix-product library for inference (`autotune.TunedJit`).
+        """
         import functools
 
         import jax
@@ -238,11 +242,28 @@ class JaxRunner:
         self.state = jax.device_put(state, self.replicated)
         # Logits [B, K, H, W], the layout the PyTorch peer returns (NHWC ones cost ~5% more at 384x480
         # batch 1: the full-resolution upsampling is faster with pixels, not the 11 classes, minor).
-        self.infer = jax.jit(functools.partial(model.apply, train=False, channels_first=True))
+        self._apply = functools.partial(model.apply, train=False, channels_first=True)
+        self.dot_library = dot_library
+        self._tuned = {}
         # Uniform class weights cost what the config's real ones cost without reading the dataset.
         weights = None if config.class_weighting == "none" else jnp.ones(config.num_classes, jnp.float32)
         self.train_step = train.make_train_step(config, weights, dropout_rng, self.mesh)
         self.shard_batch = functools.partial(train.shard_batch, mesh=self.mesh)
+
+    def tuned_infer(self, shape: tuple):
+        """The jitted forward pass for images of `shape`, an `autotune.TunedJit` with `dot_library`: on CPU,
+        'auto' compiles it with YNNPACK's and with Eigen's matrix products at its first call and keeps the
+        faster (that call, `compile_s`, includes both compiles and the timing)."""
+        from fastscnn_jax import autotune
+
+        shape = tuple(shape)
+        if shape not in self._tuned:
+            self._tuned[shape] = autotune.TunedJit(self._apply, self.dot_library)
+        return self._tuned[shape]
+
+    def infer(self, variables, images):
+        """Logits [B, K, H, W] (the layout the PyTorch peer returns) of `images`, by `tuned_infer`."""
+        return self.tuned_infer(images.shape)(variables, images)
 
     def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:
         """Times the forward pass on `batch['image']`."""
@@ -256,8 +277,9 @@ class JaxRunner:
             n = 1
             variables = jax.device_put(self.variables, jax.devices()[0])
             images = jax.device_put(images, jax.devices()[0])
-        first, times = time_calls(lambda: self.infer(variables, images), jax.block_until_ready, warmup, iters)
-        extra = {"depthwise_impl": self.impl, "devices": n}
+        infer = self.tuned_infer(images.shape)
+        first, times = time_calls(lambda: infer(variables, images), jax.block_until_ready, warmup, iters)
+        extra = {"depthwise_impl": self.impl, "devices": n, "dot_library": infer.library}
         return _row(
             "jax",
             "inference",
@@ -462,7 +484,7 @@ def add_ratios(rows: list[dict]) -> None:
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of the rows."""
     header = (
-        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'dw impl':<7} "
+        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'dw impl':<7} {'dots':<7} "
         f"{'compile_s':>9} {'median_ms':>10} {'p90_ms':>10} {'items/s':>9} {'peak_MiB':>9} {'jax/torch':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -470,9 +492,10 @@ def format_table(rows: list[dict]) -> str:
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
         peak = f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        impls = f"{r.get('depthwise_impl') or '-':<7} {r.get('dot_library') or '-':<7}"
         lines.append(
             f"{r['framework']:<9} {r['mode']:<14} {r['height']:>4}x{r['width']:<4} {r['batch']:>5} "
-            f"{r['dtype']:<8} {r.get('depthwise_impl') or '-':<7} {compile_s:>9} {r['median_ms']:>10.2f} "
+            f"{r['dtype']:<8} {impls} {compile_s:>9} {r['median_ms']:>10.2f} "
             f"{r['p90_ms']:>10.2f} {r['items_per_s']:>9.2f} {peak:>9} {ratio:>9}"
         )
     sources = sorted({r["peak_memory_source"] for r in rows})
@@ -521,6 +544,7 @@ def run_benchmark(
     modes: tuple[str, ...] = MODES,
     compare_torch: bool = False,
     rounds: int = 1,
+    dot_library: str = "auto",
 ) -> dict:
     """Runs every measurement and returns the report.
 
@@ -536,14 +560,19 @@ def run_benchmark(
       compare_torch: also time `torch_reference.FastSCNN` (needs torch).
       rounds: times each model row `rounds` times, alternating between the frameworks (`measure_rounds`);
         a row then pools `rounds * iters` timed calls.
+      dot_library: XLA:CPU's matrix-product library for JAX inference, one of `autotune.DOT_LIBRARIES`
+        ('auto': the faster of the two, timed at each inference row's first call).
 
     Returns:
       {"machine": `machine_info()`, "rows": [row, ...]}, rows with `framework`, `mode`, `height`, `width`,
       `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, `rounds`,
       `times_ms` (every timed call), and for JAX rows
-      `depthwise_impl` and, where a PyTorch row matches, `ratio_vs_torch`.
+      `depthwise_impl`, for JAX inference rows `dot_library` (None off CPU), and, where a PyTorch row
+      matches, `ratio_vs_torch`.
     """
     import numpy as np
+
+    from fastscnn_jax import autotune
 
     if warmup < 0 or iters < 1 or rounds < 1:
         raise ValueError(
@@ -551,8 +580,9 @@ def run_benchmark(
         )
     if not set(modes) <= set(MODES):
         raise ValueError(f"modes must be among {MODES}, got {modes}")
+    autotune.check_library(dot_library, "--dot_library")
     # The model is built (and parameters initialised) only when a model mode is asked for.
-    jax_runner = JaxRunner(config) if {"inference", "train"} & set(modes) else None
+    jax_runner = JaxRunner(config, dot_library) if {"inference", "train"} & set(modes) else None
     torch_runner = (
         TorchRunner(config, jax_runner.num_params_without_aux) if compare_torch and jax_runner else None
     )
@@ -618,6 +648,7 @@ def main(argv):
         modes=modes,
         compare_torch=FLAGS.compare_torch,
         rounds=FLAGS.rounds,
+        dot_library=FLAGS.dot_library,
     )
     machine = report["machine"]
     devices = f"{machine['device_kind']} x{len(machine['devices'])} ({machine['platform']})"
@@ -653,12 +684,18 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "depthwise_impl", None, ["auto", "shifted", "lax"], "Depthwise conv form; default the config's."
     )
+    flags.DEFINE_enum(
+        "dot_library",
+        "auto",
+        ["auto", "ynnpack", "eigen"],  # autotune.DOT_LIBRARIES (importing it would start JAX here)
+        "XLA:CPU's matrix-product library for inference; 'auto' times both (fastscnn_jax/autotune.py).",
+    )
     flags.DEFINE_list("modes", list(MODES), f"What to measure, comma-separated, among {','.join(MODES)}.")
     flags.DEFINE_boolean("skip_input_pipeline", False, "Leave out the input-pipeline measurement.")
     flags.DEFINE_boolean("compare_torch", False, f"Also time a PyTorch Fast-SCNN ({TORCH_INSTALL_HINT}).")
     flags.DEFINE_string("output", None, "Write the JSON report here.")
     # The README spells these with hyphens; absl aliases accept both spellings.
-    for name in ("train_batch", "skip_input_pipeline", "compare_torch"):
+    for name in ("train_batch", "skip_input_pipeline", "compare_torch", "dot_library"):
         flags.DEFINE_alias(name.replace("_", "-"), name)
 
 

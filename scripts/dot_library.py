@@ -8,7 +8,8 @@ The same lowered program is compiled twice in one process, once with the default
 Eigen), and the two executables are timed in alternating blocks (8 inference calls, or 3 train steps, each),
 so that the VM's slow and fast phases fall on both alike. Prints each one's median, 10th and 90th percentile
 and the largest difference between their outputs. Which library is faster depends on the CPU
-(benchmarks/README.md). Run it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the entry points run.
+(benchmarks/README.md); `fastscnn_jax.autotune` makes that choice by timing. Run it with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the entry points run.
 """
 
 import functools
@@ -22,15 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import camvid
-from fastscnn_jax import benchmark
+from fastscnn_jax import autotune, benchmark
 
-# This jaxlib's default YNNPACK fusion types, less individual_dot.
-EIGEN_DOTS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"
-    )
-}
-VARIANTS = {"ynnpack dots (default)": {}, "eigen dots": EIGEN_DOTS}
+VARIANTS = {"ynnpack dots (default)": {}, "eigen dots": autotune.COMPILER_OPTIONS["eigen"]}
 
 
 def compile_variants(lowered) -> dict:
@@ -57,7 +52,7 @@ def main():
     rng = np.random.default_rng(0)
     variables = runner.variables
     images = jnp.asarray(rng.random((1, 384, 480, 3), np.float32))
-    executables = compile_variants(runner.infer.lower(variables, images))
+    executables = compile_variants(runner.tuned_infer(images.shape).lower(variables, images))
     outputs = {name: np.asarray(e(variables, images)) for name, e in executables.items()}
     first = next(iter(outputs.values()))
     print(

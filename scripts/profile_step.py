@@ -1,7 +1,7 @@
 """Profile of one jitted train step (or batch-1 inference) of configs/camvid.py at 384x480 on this machine.
 
   python scripts/profile_step.py train    # batch 8: the benchmark's train row, op by op
-  python scripts/profile_step.py infer    # batch 1
+  python scripts/profile_step.py infer    # batch 1, with the matrix-product library autotune chooses
 
 Prints the mean time of three steps (after three warm-up steps), then the XLA ops (fusions) that took
 longest in a jax.profiler trace of three steps (time summed over the threads that ran them, so per-step
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from configs import camvid
-from fastscnn_jax import benchmark
+from fastscnn_jax import autotune, benchmark
 
 cfg = camvid.get_config()
 mode = sys.argv[1] if len(sys.argv) > 1 else "train"
@@ -70,7 +70,9 @@ for k, v in tot.most_common(60):
 if mode == "train":
     txt = r.train_step.lower(r.state, sharded).compile().as_text()
 else:
-    txt = r.infer.lower(r.variables, imgs).compile().as_text()
+    tuned = r.tuned_infer(imgs.shape)  # the library `autotune` chose for it at the first call
+    options = autotune.COMPILER_OPTIONS[tuned.library]
+    txt = tuned.lower(r.variables, imgs).compile(compiler_options=options).as_text()
 lines = {}
 for line in txt.split("\n"):
     m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ", line)

@@ -59,6 +59,9 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     assert {(r["height"], r["width"]) for r in model_rows} == {(64, 96)}
     assert {r["batch"] for r in rows if r["mode"] == "train"} == {2}
     assert all(r["depthwise_impl"] == "shifted" for r in model_rows)  # 'auto' on CPU
+    # --dot_library=auto: the faster of the two for inference, timed at its first call; none for training
+    assert all(r["dot_library"] in ("ynnpack", "eigen") for r in model_rows if r["mode"] == "inference")
+    assert not any("dot_library" in r for r in model_rows if r["mode"] == "train")
     for row in model_rows:  # two rounds of --iters=2 timed calls, pooled
         assert row["rounds"] == 2 and len(row["times_ms"]) == 4, row
         assert row["median_ms"] == pytest.approx(float(np.median(row["times_ms"])), abs=1e-3)
@@ -100,12 +103,15 @@ def test_table_names_each_mode(tiny_run):
 
 
 def test_bfloat16_rows_say_bfloat16(tmp_path):
-    """`--dtype=bfloat16` benchmarks the bfloat16 compute dtype and labels its rows so."""
+    """`--dtype=bfloat16` benchmarks the bfloat16 compute dtype and labels its rows so; a pinned
+    `--dot_library` is the one the rows used."""
     output = tmp_path / "bf16.json"
-    result = _run(*TINY_FLAGS, "--dtype=bfloat16", "--modes=inference", f"--output={output}")
+    flags = ["--dtype=bfloat16", "--modes=inference", "--dot_library=eigen", f"--output={output}"]
+    result = _run(*TINY_FLAGS, *flags)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(output.read_text())["rows"]
     assert rows and all(r["dtype"] == "bfloat16" and r["mode"] == "inference" for r in rows)
+    assert all(r["dot_library"] == "eigen" for r in rows)
 
 
 def test_compare_torch_without_torch_names_the_install_command(tmp_path):
