@@ -74,33 +74,37 @@ def _losses(workdir) -> dict[int, float]:
     return losses
 
 
+def _start_two(workdir, data_flags, logdir, *extra) -> tuple[list, list]:
+    """Starts a tiny training run as two processes (one CPU device each) on a free loopback port.
+
+    Returns the processes and, for each, the (stdout, stderr) files it writes: files, not pipes, because a
+    pipe nobody reads until the end can fill and stall its process, and the files say why one ended early.
+    """
+    port = _free_port()
+    processes, logs = [], []
+    for i in range(2):
+        out, err = logdir / f"process_{i}.out", logdir / f"process_{i}.err"
+        argv = _main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}")
+        argv += ["--num_processes=2", f"--process_id={i}", *extra]
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            processes.append(subprocess.Popen(argv, env=_env(1), stdout=stdout, stderr=stderr))
+        logs.append((out, err))
+    return processes, logs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_flags):
     """(2-process workdir, its two logs, 1-process-2-device workdir)."""
     root = tmp_path_factory.mktemp("multihost")
     two, one = root / "two_processes", root / "one_process"
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            _main(
-                two,
-                data_flags,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes, logs = _start_two(two, data_flags, root)
     try:
-        outputs = [p.communicate(timeout=600) for p in processes]
+        for p in processes:
+            p.wait(timeout=600)
     finally:
         for p in processes:
             p.kill()
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for i, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
         assert p.returncode == 0, f"process {i}:\n{err[-4000:]}"
     single = subprocess.run(_main(one, data_flags), env=_env(2), capture_output=True, text=True, timeout=600)
@@ -210,32 +214,14 @@ def test_global_batch_must_divide_over_processes(monkeypatch):
 def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, data_flags):
     """Preemption of one host: JAX's runtime tells the others, all save the same step and exit cleanly."""
     workdir = tmp_path / "preempted"
-    port = _free_port()
     # Long enough not to finish first; the first checkpoint at step 20 says training is under way.
     extra = [
         "--config.num_train_steps=2000",
         "--config.checkpoint_every_steps=20",
         "--config.eval_every_steps=5000",
     ]
-    # stderr to files, not pipes: nothing reads a pipe until the end, and a full one would stall a process;
-    # the files also say why a process ended early.
-    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-    processes = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as stderr:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *_main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}"),
-                        "--num_processes=2",
-                        f"--process_id={i}",
-                        *extra,
-                    ],
-                    env=_env(1),
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                )
-            )
+    processes, files = _start_two(workdir, data_flags, tmp_path, *extra)
+    logs = [err for _, err in files]
 
     def tails() -> str:
         return "".join(f"\nprocess {i}:\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
