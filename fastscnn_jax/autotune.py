@@ -1,10 +1,10 @@
 """XLA:CPU's matrix-product library for a jitted function: YNNPACK (jaxlib's default) or Eigen, or the faster.
 
 This jaxlib's XLA:CPU hands dot products (and reductions, and plain convolutions) to YNNPACK. Which library
-multiplies faster depends on the CPU: with Eigen's products, batch-1 384x480 inference ran 8-10% faster on
-two kinds of AMD EPYC VM and slower on an Intel Xeon one, and the train step was no faster anywhere
-(`scripts/dot_library.py`, benchmarks/README.md). XLA's flag for it applies to a whole process; the same
-option passed to `Lowered.compile` applies to one executable.
+multiplies faster depends on the CPU: with Eigen's products, batch-1 384x480 inference ran 5-12% faster on
+two kinds of AMD EPYC VM, its products were slower on an Intel Xeon one, and the train step was no faster
+anywhere (`scripts/dot_library.py`, benchmarks/README.md). XLA's flag for it applies to a whole process; the
+same option passed to `jax.jit(..., compiler_options=...)` applies to one function.
 
 `TunedJit(fn, library)` is `jax.jit(fn)` with that choice: 'ynnpack' and 'eigen' pin it; 'auto' compiles
 the program both ways at the first call, times the two in alternation (`rounds` calls each, after one
