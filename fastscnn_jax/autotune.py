@@ -14,6 +14,7 @@ stream of same-size frames), not for a few images. Both give the same values to 
 other backends the option does not exist and `TunedJit` is `jax.jit`.
 """
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -38,13 +39,6 @@ def check_library(library: str, what: str = "dot_library") -> str:
     if library not in DOT_LIBRARIES:
         raise ValueError(f"{what} must be one of {', '.join(DOT_LIBRARIES)}, got {library!r}")
     return library
-
-
-def _median(values: list[float]) -> float:
-    """Median of a non-empty list."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class TunedJit:
@@ -93,7 +87,7 @@ class TunedJit:
                     start = time.perf_counter()
                     jax.block_until_ready(self._jitted[name](*args))
                     times[name].append(time.perf_counter() - start)
-            self.timings_ms = {name: _median(t) * 1e3 for name, t in times.items()}
+            self.timings_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             names = [min(names, key=lambda name: self.timings_ms[name])]  # ties: the default, listed first
         self.library = names[0]
         self._call = self._jitted[self.library]
