@@ -174,6 +174,10 @@ def machine_info() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
+        # The process's malloc settings and JAX's CPU dispatch (cli.restart_with_malloc_tunables,
+        # cli.inline_cpu_dispatch): both frameworks run under them, and both speeds depend on them.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "jax_cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -623,6 +627,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     modes = tuple(m for m in FLAGS.modes if not (FLAGS.skip_input_pipeline and m == "input_pipeline"))
     if not set(modes) <= set(MODES):
         raise app.UsageError(f"--modes must be among {','.join(MODES)}, got {','.join(FLAGS.modes)}")
@@ -700,6 +705,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
+    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

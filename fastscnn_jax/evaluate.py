@@ -96,6 +96,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     import tensorflow as tf
 
     from fastscnn_jax import metrics
@@ -134,6 +135,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
+    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

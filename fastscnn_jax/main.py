@@ -53,6 +53,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     logging.get_absl_handler().addFilter(_QuietOrbax())
     import jax
     import tensorflow as tf
@@ -85,5 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
+    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     app.run(main, flags_parser=cli.parse_flags)

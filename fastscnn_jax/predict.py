@@ -187,6 +187,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     if not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
+    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     skipped = predict_files(paths, FLAGS.output, Segmenter(FLAGS.checkpoint), FLAGS.max_side, FLAGS.alpha)
     print(f"{len(paths) - len(skipped)} image(s) segmented into {FLAGS.output}, {len(skipped)} skipped")
     if len(skipped) == len(paths):
@@ -207,6 +208,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.restart_with_huge_pages()  # before JAX starts: see cli.HUGE_PAGES_TUNABLE
+    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

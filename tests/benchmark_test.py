@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastscnn_jax import benchmark
+from fastscnn_jax import benchmark, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -72,6 +72,11 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     assert machine["platform"] == "cpu" and machine["devices"] and machine["cpu_count"] >= 1
     assert {"jax", "jaxlib", "flax", "numpy"} <= set(machine["versions"])
     assert machine["processor"] and set(machine["cpu_features"] or []) <= set(benchmark.CPU_FEATURES)
+    # The process restarted with the malloc tunables where glibc has them; with them, JAX ran inline.
+    tunables = machine["glibc_tunables"] or ""
+    if cli.malloc_tunables_supported() and not cli.malloc_tunables_off():
+        assert "glibc.malloc.mmap_max=0" in tunables
+    assert machine["jax_cpu_async_dispatch"] == ("glibc.malloc.mmap_max=0" not in tunables)
 
 
 def test_cpu_info_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
