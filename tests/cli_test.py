@@ -68,6 +68,7 @@ def _run(env_update: dict, child: str = CHILD, *args: str) -> list[list[str]]:
 
 
 def _wanted() -> str:
+    """GLIBC_TUNABLES as the restart sets it in an environment without any: ours, in order."""
     return ":".join(f"{k}={v}" for k, v in cli.wanted_tunables().items())
 
 
