@@ -370,17 +370,20 @@ def test_upsample_phases_are_the_interpolation_matrix():
 
 
 @pytest.mark.parametrize(
-    "shape,kernel,stride,padding",
+    "shape,kernel,stride,padding,is_lax",
     [
-        ((2, 9, 11, 16), (1, 1, 16, 8), 1, 0),  # 1x1: a dot over channels
-        ((2, 9, 11, 16), (1, 1, 16, 8), 1, "SAME"),  # as nn.Conv's default padding gives it
-        ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1),  # the stem: shifted multiply-adds, im2col gradient
-        ((2, 16, 12, 3), (3, 3, 3, 8), 2, 0),  # torch_compat's unpadded stem
-        ((2, 9, 11, 6), (3, 3, 6, 4), 1, 1),  # anything else: lax itself
+        ((2, 9, 11, 16), (1, 1, 16, 8), 1, 0, False),  # 1x1: a dot over channels
+        ((2, 9, 11, 16), (1, 1, 16, 8), 1, "SAME", False),  # as nn.Conv's default padding gives it
+        ((2, 17, 23, 3), (3, 3, 3, 8), 2, 1, False),  # the stem: shifted multiply-adds, im2col gradient
+        ((2, 16, 12, 3), (3, 3, 3, 8), 2, 0, False),  # torch_compat's unpadded stem
+        ((2, 9, 11, 6), (3, 3, 6, 4), 1, 1, True),  # anything else: lax itself
+        ((2, 9, 11, 6), (3, 3, 6, 4), 2, 1, True),  # likewise
+        ((2, 9, 11, 6), (5, 5, 6, 4), 1, 2, True),  # likewise
     ],
 )
-def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, stride, padding):
-    """nn.Conv's convolution function gives lax's outputs and gradients w.r.t. input and kernel."""
+def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, stride, padding, is_lax):
+    """nn.Conv's convolution function gives lax's outputs and gradients w.r.t. input and kernel, and
+    uses a convolution op only where no faster form applies."""
     rng = np.random.default_rng(shape[1])
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
@@ -408,6 +411,7 @@ def test_conv_forms_equal_lax_conv_in_outputs_and_gradients(shape, kernel, strid
 
     expected = reference(x, k)
     weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    assert ("conv_general_dilated" in str(jax.make_jaxpr(fast)(x, k))) == is_lax
     np.testing.assert_allclose(jax.jit(fast)(x, k), expected, rtol=1e-4, atol=1e-4)
     grads = [
         jax.grad(lambda x, k, f=f: jnp.sum(weights * f(x, k)), argnums=(0, 1))(x, k)
