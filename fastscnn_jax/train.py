@@ -502,14 +502,32 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+# XLA:CPU options for the train step: LLVM may reassociate float arithmetic (and ignore the sign of zero),
+# nothing else; NaNs, infinities, division and library functions are kept exact (the four `honor` options),
+# so a NaN loss still shows. Reassociation lets it split long sums (the loss's and BatchNorm's reductions
+# and their gradients) into parallel ones. 384x480 batch-8 step on an AMD EPYC without AVX-512, 2 threads,
+# both forms compiled in one process and timed alternately: 607 against 641 ms, 580 against 614 ms. Only
+# rounding changes. Not used for inference, where the same options made batch-1 384x480 2-3% slower.
+CPU_TRAIN_COMPILER_OPTIONS = {
+    "xla_cpu_enable_fast_math": True,
+    "xla_cpu_fast_math_honor_nans": True,
+    "xla_cpu_fast_math_honor_infs": True,
+    "xla_cpu_fast_math_honor_division": True,
+    "xla_cpu_fast_math_honor_functions": True,
+}
+
+
 def make_train_step(config: ml_collections.ConfigDict, weights, dropout_rng: jax.Array, mesh: Mesh):
-    """`train_step` jit-compiled for the mesh (state replicated and donated, batch sharded)."""
+    """`train_step` jit-compiled for the mesh (state replicated and donated, batch sharded); on CPU with
+    `CPU_TRAIN_COMPILER_OPTIONS`."""
     replicated = NamedSharding(mesh, P())
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     return jax.jit(
         functools.partial(train_step, config=config, weights=weights, dropout_rng=dropout_rng),
         in_shardings=(replicated, NamedSharding(mesh, P("data"))),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=CPU_TRAIN_COMPILER_OPTIONS if on_cpu else None,
     )
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from fastscnn_jax import train
@@ -212,13 +214,19 @@ def _small_setup(learning_rate=1e-2, batch_size=2, crop_size=(32, 48)):
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
-    """Repeated steps on one batch reduce the loss; BN statistics and the step counter advance."""
+    """Repeated steps on one batch reduce the loss; BN statistics and the step counter advance. The step
+    is `make_train_step`'s (on CPU with its compiler options), and a NaN weight still gives a NaN loss."""
     config, state, batch = _small_setup()
-    step = jax.jit(
-        functools.partial(train.train_step, config=config, weights=None, dropout_rng=jax.random.key(1))
-    )
+    mesh = train.create_mesh()
+    step = train.make_train_step(config, None, jax.random.key(1), mesh)
+    state = jax.device_put(state, NamedSharding(mesh, P()))  # as the trainer places it: one compilation
+    poisoned = jax.tree.map(jnp.copy, state)
+    stem = poisoned.params["learning_to_downsample"]["ConvBN_0"]["Conv_0"]
+    stem["kernel"] = stem["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+    _, m_nan = step(poisoned, batch)  # the options keep NaN arithmetic exact (honor_nans)
+    assert np.isnan(float(m_nan.compute()["loss"]))
     losses = []
-    first_stats = state.batch_stats
+    first_stats = jax.tree.map(np.asarray, state.batch_stats)  # the step donates the state's buffers
     for _ in range(25):
         state, m = step(state, batch)
         losses.append(float(m.compute()["loss"]))
