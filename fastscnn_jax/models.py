@@ -352,8 +352,8 @@ def conv3x3_stride2_im2col(x: jax.Array, kernel: jax.Array, padding) -> jax.Arra
     return pointwise_conv(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
-# Running sums the stem's 9 * C multiply-adds are split over (then added). One sum of all 27 is one chain of
-# dependent multiply-adds per output vector, which XLA:CPU keeps in order (float addition does not
+# The stem's 9 * C multiply-adds go into this many running sums, added at the end. One sum of all 27 is one
+# chain of dependent multiply-adds per output vector, which XLA:CPU keeps in order (float addition does not
 # reassociate): batch-1 384x480 stem ~2.6 -> ~1.9 ms on one core, 1.4-1.6 -> 1.0-1.3 ms on two (AMD EPYC).
 _STEM_CHAINS = 4
 

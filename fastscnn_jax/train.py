@@ -504,10 +504,11 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 # XLA:CPU options for the train step: LLVM may reassociate float arithmetic (and ignore the sign of zero),
 # nothing else; NaNs, infinities, division and library functions are kept exact (the four `honor` options),
-# so a NaN loss still shows. Reassociation lets it split long sums (the loss's and BatchNorm's reductions
-# and their gradients) into parallel ones. 384x480 batch-8 step on an AMD EPYC without AVX-512, 2 threads,
-# both forms compiled in one process and timed alternately: 607 against 641 ms, 580 against 614 ms. Only
-# rounding changes. Not used for inference, where the same options made batch-1 384x480 2-3% slower.
+# so a NaN loss still shows (tests/train_test.py). Reassociation lets it reorder sums, e.g. split a long
+# chain of additions into independent ones (which ops gained was not profiled). 384x480 batch-8 step on an
+# AMD EPYC without AVX-512, 2 threads, both forms compiled in one process and timed alternately: 607 against
+# 641 ms, 580 against 614 ms. Only rounding changes. Not used for inference, where the same options made
+# batch-1 384x480 2-3% slower.
 CPU_TRAIN_COMPILER_OPTIONS = {
     "xla_cpu_enable_fast_math": True,
     "xla_cpu_fast_math_honor_nans": True,
