@@ -198,6 +198,9 @@ def test_rounds_alternate_between_the_frameworks_and_pool_their_calls():
 
 def test_timed_inference_returns_the_models_logits_classes_first():
     """The JAX inference row times the model's forward pass, logits [B, K, H, W] as PyTorch's peer returns."""
+    import functools
+
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -208,6 +211,7 @@ def test_timed_inference_returns_the_models_logits_classes_first():
     runner = benchmark.JaxRunner(config)
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)), jnp.float32)
     timed = runner.infer(runner.variables, images)
-    logits = train.create_model(config).apply(runner.variables, images, train=False)
+    apply = jax.jit(functools.partial(train.create_model(config).apply, train=False))
+    logits = apply(runner.variables, images)
     assert timed.shape == (2, config.num_classes, 64, 96)
     np.testing.assert_allclose(timed, jnp.transpose(logits, (0, 3, 1, 2)), rtol=1e-5, atol=1e-5)

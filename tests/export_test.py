@@ -247,13 +247,14 @@ def test_equalized_activations_same_logits_equal_ranges(val_images, reference):
     np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4 * scale)
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() > 0.9999
 
+    @jax.jit
     def maxima(v):
         """Per-channel maxima of the producer's output on the images."""
         _, state = apply.module.apply(
             v, val_images, train=False, capture_intermediates=True, mutable=["intermediates"]
         )
         out = state["intermediates"][block[0]][block[1]][block[2]]["__call__"][0]
-        return np.asarray(out).reshape(-1, out.shape[-1]).max(0)
+        return out.reshape(-1, out.shape[-1]).max(0)
 
     m = maxima(equalized)
     spread = maxima(variables)

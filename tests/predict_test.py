@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def weights_file(tmp_path_factory):
     """A small randomly initialised model saved as a weights file, with its settings in the metadata."""
     model = models.FastSCNN(num_classes=camvid.NUM_CLASSES, width=0.25)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     path = tmp_path_factory.mktemp("weights") / "tiny.msgpack"
     meta = {"model": {"num_classes": camvid.NUM_CLASSES, "width": 0.25, "aux_head": False}}
     checkpointing.save_weights_file(str(path), variables, meta)
@@ -85,7 +85,7 @@ def test_predict_folder_writes_masks_at_input_size_and_skips_non_images(tmp_path
         np.testing.assert_array_equal(color, camvid.PALETTE[mask])
     # The mask is the model's argmax on the decoded image.
     image = predict.load_rgb(str(tmp_path / "in" / "rgb.png"))
-    expected = np.argmax(np.asarray(model.apply(variables, image[None].astype(np.float32))), -1)[0]
+    expected = np.argmax(np.asarray(jax.jit(model.apply)(variables, image[None].astype(np.float32))), -1)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rgb_mask.png")), expected)
 
 
