@@ -101,7 +101,7 @@ def create_train_state(
         {"params": params_rng, "dropout": dropout_rng}, dummy
     )
     # `TrainState.create` without its eager `optimizer.init`: op by op, that compiled a program for each of
-    # ~35 distinct shapes (1.5-2 s at every start on a 2-core CPU); jitted it is one (cached) program.
+    # ~35 distinct shapes (1.3-1.8 s at every start on a 2-core CPU); jitted it is one (cached) program.
     return TrainState(
         step=0,
         apply_fn=model.apply,
