@@ -246,7 +246,7 @@ def test_eval_step_counts_only_real_examples_and_non_void():
     model = train.create_model(config)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     mask = jnp.asarray([True, False])
-    eval_step = jax.jit(functools.partial(train.eval_step, model=model, ignore_label=config.ignore_label))
+    eval_step = train.make_eval_step(model, config, train.create_mesh())
     m = eval_step(variables, {**batch, "mask": mask})
     matrix = m.compute()["confusion"]
     label0 = np.asarray(batch["label"][0])
