@@ -1,7 +1,5 @@
 """Tests of `fastscnn_jax.autotune`: XLA:CPU's matrix-product library per jitted function."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +29,7 @@ def model_and_inputs():
     config = tiny.get_config()
     model = train.create_model(config)
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images)
+    variables = train.init_variables(model, jax.random.key(0), images, train=False)
     return (lambda v, x: model.apply(v, x, train=False)), variables, images
 
 

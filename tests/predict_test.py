@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastscnn_jax import camvid, checkpointing, models, predict
+from fastscnn_jax import camvid, checkpointing, models, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def weights_file(tmp_path_factory):
     """A small randomly initialised model saved as a weights file, with its settings in the metadata."""
     model = models.FastSCNN(num_classes=camvid.NUM_CLASSES, width=0.25)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = train.init_variables(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     path = tmp_path_factory.mktemp("weights") / "tiny.msgpack"
     meta = {"model": {"num_classes": camvid.NUM_CLASSES, "width": 0.25, "aux_head": False}}
     checkpointing.save_weights_file(str(path), variables, meta)

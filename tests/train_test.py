@@ -190,6 +190,21 @@ def test_learning_rate_is_one_cycle():
     assert float(fn(50)) < float(fn(20))
 
 
+def test_init_variables_are_the_default_compiles_bit_for_bit():
+    """On CPU `init_variables` compiles `model.init` with `CPU_INIT_COMPILER_OPTIONS` (a shorter compile);
+    every initial variable of the tiny network, auxiliary head included, equals a plain `jax.jit`'s."""
+    model = train.create_model(tiny.get_config())
+    rngs = {"params": jax.random.key(3), "dropout": jax.random.key(4)}
+    images = jnp.zeros((1, 32, 32, 3))
+    fast = train.init_variables(model, rngs, images, train=True)
+    default = jax.jit(functools.partial(model.init, train=True))(rngs, images)
+    assert jax.tree.structure(fast) == jax.tree.structure(default)
+    assert "aux_head" in fast["params"]
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.std(fast["params"]["classifier"]["Conv_0"]["kernel"])) > 0  # random, not constant
+
+
 def _small_setup(learning_rate=1e-2, batch_size=2, crop_size=(32, 48)):
     """A tiny model, its train state and a fixed batch."""
     config = tiny.get_config()
