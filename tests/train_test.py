@@ -190,6 +190,51 @@ def test_learning_rate_is_one_cycle():
     assert float(fn(50)) < float(fn(20))
 
 
+def _gradient_tree(scale: float) -> dict:
+    """A pytree shaped like some of Fast-SCNN's parameters (scalars to kernels), values times `scale`."""
+    rng = np.random.default_rng(3)
+    shapes = {
+        "kernel": (3, 3, 16, 32),
+        "depthwise": (3, 3, 32),
+        "bias": (11,),
+        "scale": (1,),
+        "empty": (0, 4),
+    }
+    return {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * scale) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under", "over"])
+def test_clip_by_global_norm_is_optaxs(scale):
+    """`train.clip_by_global_norm` has optax's state and gives its updates: bit for bit under the norm, to
+    float rounding over it (where the clipped norm is max_norm)."""
+    import optax
+
+    grads = _gradient_tree(scale)
+    ours, theirs = train.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    got, _ = jax.jit(ours.update)(grads, ours.init(grads))
+    want, _ = jax.jit(theirs.update)(grads, theirs.init(grads))
+    norm = float(optax.tree.norm(grads))
+    if norm < 1.0:
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+        jax.tree.map(np.testing.assert_array_equal, got, grads)
+    else:
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-6, atol=1e-9), got, want)
+        assert float(optax.tree.norm(got)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_all_finite_sees_one_bad_element_in_any_leaf():
+    """One NaN or infinity anywhere (any leaf, any dtype) makes `all_finite` false; empty leaves are fine."""
+    tree = {**_gradient_tree(1.0), "half": jnp.ones((2, 3), jnp.bfloat16)}
+    assert bool(train.all_finite(tree)) and bool(train.all_finite({}))
+    for leaf in ("kernel", "bias", "scale", "half"):
+        for bad in (jnp.nan, jnp.inf, -jnp.inf):
+            poisoned = dict(tree)
+            flat = poisoned[leaf].reshape(-1)
+            poisoned[leaf] = flat.at[flat.size // 2].set(bad).reshape(tree[leaf].shape)
+            assert not bool(train.all_finite(poisoned)), (leaf, bad)
+
+
 def test_init_variables_are_the_default_compiles_bit_for_bit():
     """On CPU `init_variables` compiles `model.init` with `CPU_INIT_COMPILER_OPTIONS` (a shorter compile);
     every initial variable of the tiny network, auxiliary head included, equals a plain `jax.jit`'s."""
