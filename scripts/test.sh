@@ -9,6 +9,5 @@ bash scripts/setup.sh
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 # Two workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
 # most tests wait on one single-threaded XLA compile at a time, so two take about 80% of the time one does
-# on 2 cores. Files go out in collection order, the longest first (tests/conftest.py), not xdist's default order
-# by number of tests. PYTEST_WORKERS=0 runs everything in this process.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# on 2 cores. PYTEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

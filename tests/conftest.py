@@ -39,29 +39,6 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
 
 
-# The test files that take longest (2026-12-03, 2-core CPU: 100-460 s of worker time each), longest first.
-# With `--dist loadfile --no-loadscope-reorder` (scripts/test.sh) pytest-xdist hands out whole files in
-# collection order; by default it orders them by their number of tests, which started these few-test, long
-# files last and left one worker alone with them at the end. Files not named here follow, in their order.
-LONGEST_FIRST = (
-    "multihost_test.py",
-    "train_test.py",
-    "faults_test.py",
-    "main_test.py",
-    "models_test.py",
-    "export_test.py",
-    "notebook_test.py",
-    "benchmark_test.py",
-    "predict_test.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Collects the files of LONGEST_FIRST first, in that order (each file's tests keep their order)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def pytest_unconfigure(config):
     """The process that made the cache folder removes it."""
     if getattr(config, "_fastscnn_cache_owner", False):
