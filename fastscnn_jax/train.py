@@ -21,6 +21,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import linen as nn
 from flax.training import train_state
 from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -94,10 +95,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        leaves = jax.tree.leaves(updates)
-        flat = jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+        flat, _ = ravel_pytree(updates)
         norm = jnp.sqrt(jnp.sum(flat * flat))
-        scale = jnp.where(norm < max_norm, jnp.float32(1), max_norm / norm)
+        scale = jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
         return jax.tree.map(lambda leaf: leaf * scale.astype(leaf.dtype), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -539,10 +539,7 @@ def all_finite(tree) -> jax.Array:
     One reduction over the leaves' concatenation: a reduction per leaf compiled to a kernel each on XLA:CPU
     (1.5-1.7 s to compile for Fast-SCNN's 139 parameter arrays, at every start without a compilation cache).
     """
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.bool_(True)
-    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])))
+    return jnp.all(jnp.isfinite(ravel_pytree(tree)[0]))
 
 
 def create_mesh() -> Mesh:
