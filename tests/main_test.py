@@ -76,11 +76,8 @@ def uninterrupted_run(tmp_path_factory, data_flags):
     """
     if "trained" in _SESSION:
         return _SESSION["trained"]
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        cwd = tmp_path_factory.mktemp("cwd")
-        _SESSION["trained"] = (cwd / "runs" / "tiny", _run_uninterrupted(cwd, data_flags))
-        return _SESSION["trained"]
-    shared = tmp_path_factory.getbasetemp().parent / "uninterrupted_run"  # the session's root, all workers'
+    root = tmp_path_factory.getbasetemp()  # this process's; with xdist, its parent is all workers'
+    shared = (root.parent if "PYTEST_XDIST_WORKER" in os.environ else root) / "uninterrupted_run"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -118,7 +115,6 @@ def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path
     """SIGTERM (as on preemption) after the first checkpoint: the run saves a checkpoint of the step it was at
     and exits 0; the same command again ends with bit-equal final parameters. (kill -9, with no save at the
     signal, is tests/faults_test.py's: killed in the middle of a save, resumed, compared the same way.)"""
-    sig = signal.SIGTERM
     workdir = tmp_path / "run"
     command = _command("main", f"--workdir={workdir}", data_flags=data_flags)
     process = subprocess.Popen(
@@ -128,7 +124,7 @@ def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path
     while not (workdir / "checkpoints" / "2").is_dir():
         assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
-    process.send_signal(sig)
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     final = str(tiny.get_config().num_train_steps)
     assert not (workdir / "checkpoints" / final).exists(), "the run finished before it was interrupted"
