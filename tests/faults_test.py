@@ -64,7 +64,8 @@ def _truncate_state(step_dir):
 
     Every one, not only the largest: how orbax splits a save into files differs between runs and CPUs, and
     a restore does not read all of them (cutting any of three small per-process b-tree files of a local run
-    left its step restorable). A CI run whose largest file was cut went on training with exit code 0.
+    left its step restorable). In one CI run, with only step 8's largest file cut, the resume trained on
+    and exited 0.
     """
     paths = sorted((step_dir / "state").rglob("d/*"))
     assert paths, f"no array-data files under {step_dir / 'state'}"
