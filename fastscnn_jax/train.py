@@ -95,7 +95,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        flat, _ = ravel_pytree(updates)
+        flat = ravel_pytree(updates)[0].astype(jnp.float32)  # the norm in float32 even for bfloat16 leaves
         norm = jnp.sqrt(jnp.sum(flat * flat))
         scale = jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
         return jax.tree.map(lambda leaf: leaf * scale.astype(leaf.dtype), updates), state
