@@ -39,11 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width = 1.0
     config.model.dropout_rate = 0.1
     config.model.aux_head = True
-    config.model.depthwise_impl = "auto"  # 'shifted' on CPU, lax grouped conv elsewhere
     config.model.dtype = "float32"
     # True reproduces Tramac's Fast-SCNN-pytorch (align_corners resizes, unpadded stem, fusion biases): for
     # weights imported with `python -m fastscnn_jax.convert_torch`.
     config.model.torch_compat = False
+
+    # Backend forms: 'auto' runs the CPU layer (fastscnn_jax/cpu: the same model and loss in forms XLA:CPU
+    # runs faster) when JAX's backend is the CPU, the plain core elsewhere; 'on' / 'off' force the choice.
+    config.cpu_layer = "auto"
 
     # Loss.
     config.class_weighting = "enet"  # 'none' | 'enet' | 'median_frequency'

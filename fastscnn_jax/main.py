@@ -10,10 +10,12 @@ checkpoint.
 import os
 import sys
 
+import jax
+import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fastscnn_jax import cli
+from fastscnn_jax import camvid, checkpointing, cli, multihost, steps, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, summaries and results; default runs/<config file name>.")
@@ -52,14 +54,7 @@ def main(argv):
     """Sets up the process and runs training."""
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    import jax
-    import tensorflow as tf
-
-    from fastscnn_jax import camvid, checkpointing, multihost, train
-
     try:
         multihost.initialize(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
@@ -79,12 +74,11 @@ def main(argv):
     )
     try:
         train.train_and_evaluate(FLAGS.config, workdir)
-    except (train.ConfigError, camvid.DatasetError, checkpointing.CheckpointError, FloatingPointError) as e:
+    except (steps.ConfigError, camvid.DatasetError, checkpointing.CheckpointError, FloatingPointError) as e:
         # Mistakes in the command, config or data, checkpoints that do not restore, a diverged run: the
         # message names the key, file or step, and what was kept; a traceback would add nothing.
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     app.run(main, flags_parser=cli.parse_flags)

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
-from fastscnn_jax import checkpointing, multihost, train
+from fastscnn_jax import checkpointing, multihost, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -149,12 +149,12 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     two, _, one = runs
     config = tiny.get_config()
     config.num_train_steps = STEPS
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, STEPS))
+    model = steps.create_model(config)
+    tx = steps.create_optimizer(config, steps.create_learning_rate_fn(config, STEPS))
     # As train_and_evaluate does it: the initial state, replicated over this process's mesh, is the target.
-    mesh = train.create_mesh()
+    mesh = steps.create_mesh()
     abstract = jax.device_put(
-        train.create_train_state(config, model, jax.random.key(0), tx),
+        steps.create_train_state(config, model, jax.random.key(0), tx),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
     )
     copy = one.parent / "restored"
@@ -203,12 +203,12 @@ def test_global_batch_must_divide_over_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "device_count", lambda: 2)
     with pytest.raises(
-        train.ConfigError,
+        steps.ConfigError,
         match=r"config.batch_size=3 \(global\) must be a positive multiple of the number of processes \(2\)",
     ):
-        train.validate_config(config)
+        steps.validate_config(config)
     config.batch_size = 4
-    train.validate_config(config)
+    steps.validate_config(config)
 
 
 def test_sigterm_to_one_process_stops_the_job_at_one_step(runs, tmp_path, data_flags):
