@@ -1,10 +1,9 @@
 """XLA:CPU's matrix-product library for a jitted function: YNNPACK (jaxlib's default) or Eigen, or the faster.
 
 This jaxlib's XLA:CPU hands dot products (and reductions, and plain convolutions) to YNNPACK. Which library
-multiplies faster depends on the CPU: with Eigen's products, batch-1 384x480 inference ran 5-12% faster on
-two kinds of AMD EPYC VM, its products were slower on an Intel Xeon one, and the train step was no faster
-anywhere (`scripts/dot_library.py`, benchmarks/README.md). XLA's flag for it applies to a whole process; the
-same option passed to `jax.jit(..., compiler_options=...)` applies to one function.
+multiplies faster depends on the CPU and the program (`scripts/dot_library.py` times the two; results in
+benchmarks/README.md). XLA's flag for it applies to a whole process; the same option passed to
+`jax.jit(..., compiler_options=...)` applies to one function.
 
 `TunedJit(fn, library)` is `jax.jit(fn)` with that choice: 'ynnpack' and 'eigen' pin it; 'auto' compiles
 the program both ways at the first call, times the two in alternation (`rounds` calls each, after one
@@ -46,8 +45,8 @@ class TunedJit:
 
     With 'auto' the library is chosen once, at the first call, on its arguments, and then holds for every
     later call (other shapes compile with it too): make one `TunedJit` per input size where sizes vary.
-    Calls go straight to a `jax.jit` function (its fast C++ dispatch; a per-call signature lookup in
-    Python cost ~0.5 ms, 4% of a 12 ms call). `library` is the choice once made (None off CPU, or
+    Calls go straight to a `jax.jit` function, for its fast C++ dispatch (a per-call signature lookup in
+    Python would add to every call). `library` is the choice once made (None off CPU, or
     before the first call with 'auto'); `timings_ms` the tuning's median ms per library.
     """
 

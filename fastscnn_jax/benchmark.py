@@ -11,17 +11,24 @@ as `compile_s`), `--warmup` untimed calls, then `--iters` timed calls, each wait
 and items (images) per second at the median. With `--rounds=N` each model row is timed N times, JAX and
 PyTorch in turn, and the row pools the N * `--iters` timed calls. Modes:
 
-  inference       the jitted forward pass (`train=False`) at each `--sizes` and `--batch`; on CPU with
-                  the faster of XLA:CPU's two matrix-product libraries (`--dot_library`, autotune.py).
-  train           `train.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
+  inference       the jitted forward pass (`train=False`, NHWC logits) at each `--sizes` and `--batch`; on
+                  CPU with the faster of XLA:CPU's two matrix-product libraries (`--dot_library`,
+                  autotune.py).
+  train           `steps.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
                   `--train_batch`, on random images and labels.
   input_pipeline  `input_pipeline.train_dataset` on the real CamVid train split with the config's crop size
                   and batch size, nothing else running, so one sees whether data or compute bounds training.
+
+The model rows run the layer `--cpu_layer` (default the config's `cpu_layer`) selects, and name it in their
+`layer` column. They need neither TensorFlow nor the dataset: with `--skip-input-pipeline` (or
+`--modes=inference,train`) the benchmark runs where TensorFlow is not installed.
 
 `--compare-torch` adds rows of a plain PyTorch Fast-SCNN of the same architecture (`torch_reference`), with
 as many threads as XLA uses, and the JAX/PyTorch throughput ratio. See benchmarks/README.md.
 """
 
+import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -30,10 +37,15 @@ import resource
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from fastscnn_jax import cli
+from fastscnn_jax import autotune, cli, steps
 
 FLAGS = flags.FLAGS
 
@@ -100,8 +112,6 @@ def time_calls(call, sync, warmup: int, iters: int) -> tuple[float, list[float]]
 
 def summarize(times: list[float], items: int) -> dict:
     """Median and p90 latency in ms, and items per second at the median."""
-    import numpy as np
-
     median = float(np.median(times))
     return {
         "median_ms": round(median * 1e3, 3),
@@ -118,8 +128,6 @@ def max_rss_bytes() -> int:
 
 def jax_peak_memory() -> tuple[int, str]:
     """(bytes, source): the device allocator's peak where the backend has one, else the process max RSS."""
-    import jax
-
     try:
         stats = jax.devices()[0].memory_stats() or {}
     except Exception:  # backends without allocator statistics (CPU) raise or return None
@@ -129,8 +137,8 @@ def jax_peak_memory() -> tuple[int, str]:
     return max_rss_bytes(), "process max RSS"
 
 
-# CPU features that decide which kernels XLA:CPU and PyTorch run: VMs sold under one name ("AMD EPYC")
-# differ here (with or without AVX-512), and the JAX/PyTorch ratios with them (benchmarks/README.md).
+# CPU features that decide which kernels XLA:CPU and PyTorch run: machines sold under one CPU name differ
+# here (with or without AVX-512), and the JAX/PyTorch ratios with them.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -156,8 +164,6 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
 
 def machine_info() -> dict:
     """Devices, CPU, platform and package versions, to say what a result file was measured on."""
-    import jax
-
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow", "tensorflow-cpu", "torch"):
         try:
@@ -174,10 +180,8 @@ def machine_info() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
-        # The process's malloc settings and JAX's CPU dispatch (cli.restart_with_malloc_tunables,
-        # cli.inline_cpu_dispatch): both frameworks run under them, and both speeds depend on them.
+        # The user's malloc settings (see fastscnn_jax/cpu): both frameworks run under them.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        "jax_cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -204,8 +208,6 @@ def _row(framework, mode, shape, dtype, compile_s, times, peak, **extra) -> dict
 
 def _random_batch(rng, batch: int, size: tuple[int, int], num_classes: int, ignore_label: int) -> dict:
     """Random 0..255 NHWC images and labels with about 10% void pixels, as numpy arrays."""
-    import numpy as np
-
     image = rng.uniform(0, 255, (batch, *size, 3)).astype(np.float32)
     label = rng.integers(0, num_classes, (batch, *size)).astype(np.int32)
     label[rng.random((batch, *size)) < 0.1] = ignore_label
@@ -218,60 +220,46 @@ class JaxRunner:
     def __init__(self, config, dot_library: str = "auto"):
         """Initialises parameters and jits the steps (compilation happens per input shape, when first run).
 
+        The model and steps are built with the layer `config.cpu_layer` selects (`steps.select_layer`);
         `dot_library` chooses XLA:CPU's matrix-product library for inference (`autotune.TunedJit`).
         """
-        import functools
-
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        from fastscnn_jax import models, train
-
         self.config = config
-        self.jax = jax
-        self.mesh = train.create_mesh()
+        self.mesh = steps.create_mesh()
         self.replicated = NamedSharding(self.mesh, P())
-        self.impl = models.resolve_depthwise_impl(config.model.depthwise_impl)
-        model = train.create_model(config)
-        optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, 1000))
+        self.layer = steps.select_layer(config.cpu_layer)
+        model = steps.create_model(config, self.layer)
+        optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, 1000))
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-        state = train.create_train_state(config, model, init_rng, optimizer)
+        state = steps.create_train_state(config, model, init_rng, optimizer, self.layer)
         self.num_params_without_aux = sum(
             x.size for k, v in state.params.items() if k != "aux_head" for x in jax.tree.leaves(v)
         )
         # Inference keeps its own copy: the train step donates the state's buffers.
         self.variables = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
         self.state = jax.device_put(state, self.replicated)
-        # Logits [B, K, H, W], the layout the PyTorch peer returns (NHWC ones cost ~5% more at 384x480
-        # batch 1: the full-resolution upsampling is faster with pixels, not the 11 classes, minor).
-        self._apply = functools.partial(model.apply, train=False, channels_first=True)
+        self._apply = functools.partial(model.apply, train=False)
         self.dot_library = dot_library
         self._tuned = {}
         # Uniform class weights cost what the config's real ones cost without reading the dataset.
         weights = None if config.class_weighting == "none" else jnp.ones(config.num_classes, jnp.float32)
-        self.train_step = train.make_train_step(config, weights, dropout_rng, self.mesh)
-        self.shard_batch = functools.partial(train.shard_batch, mesh=self.mesh)
+        self.train_step = steps.make_train_step(config, weights, dropout_rng, self.mesh, self.layer)
+        self.shard_batch = functools.partial(steps.shard_batch, mesh=self.mesh)
 
     def tuned_infer(self, shape: tuple):
         """The jitted forward pass for images of `shape`, an `autotune.TunedJit` with `dot_library`: on CPU,
         'auto' compiles it with YNNPACK's and with Eigen's matrix products at its first call and keeps the
         faster (that call, `compile_s`, includes both compiles and the timing)."""
-        from fastscnn_jax import autotune
-
         shape = tuple(shape)
         if shape not in self._tuned:
             self._tuned[shape] = autotune.TunedJit(self._apply, self.dot_library)
         return self._tuned[shape]
 
     def infer(self, variables, images):
-        """Logits [B, K, H, W] (the layout the PyTorch peer returns) of `images`, by `tuned_infer`."""
+        """Logits [B, H, W, K] of `images`, by `tuned_infer`."""
         return self.tuned_infer(images.shape)(variables, images)
 
     def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:
         """Times the forward pass on `batch['image']`."""
-        jax = self.jax
         images = batch["image"]
         n = jax.device_count()
         if len(images) % n == 0:
@@ -283,7 +271,7 @@ class JaxRunner:
             images = jax.device_put(images, jax.devices()[0])
         infer = self.tuned_infer(images.shape)
         first, times = time_calls(lambda: infer(variables, images), jax.block_until_ready, warmup, iters)
-        extra = {"depthwise_impl": self.impl, "devices": n, "dot_library": infer.library}
+        extra = {"layer": self.layer.name, "devices": n, "dot_library": infer.library}
         return _row(
             "jax",
             "inference",
@@ -296,8 +284,7 @@ class JaxRunner:
         )
 
     def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
-        """Times `train.train_step` on `batch`, carrying the state from step to step."""
-        jax = self.jax
+        """Times `steps.train_step` on `batch`, carrying the state from step to step."""
         if len(batch["image"]) % jax.device_count():
             raise ValueError(
                 f"--train_batch={len(batch['image'])} must be a multiple of the {jax.device_count()} devices"
@@ -310,14 +297,14 @@ class JaxRunner:
             return self.state, step_metrics
 
         first, times = time_calls(step, jax.block_until_ready, warmup, iters)
-        extra = {"depthwise_impl": self.impl, "devices": jax.device_count()}
+        extra = {"layer": self.layer.name, "devices": jax.device_count()}
         shape, dtype = batch["image"].shape, self.config.model.dtype
         return _row("jax", "train", shape, dtype, first, times, jax_peak_memory(), **extra)
 
 
 def import_torch():
     """Imports torch, an optional dependency, or exits with the command that installs it."""
-    try:
+    try:  # torch is optional: imported only by --compare-torch
         import torch
     except ImportError as e:
         raise SystemExit(f"--compare-torch needs PyTorch ({e}): {TORCH_INSTALL_HINT}") from None
@@ -329,11 +316,9 @@ class TorchRunner:
 
     def __init__(self, config, jax_num_params: int):
         """Builds model and optimizer; asserts the parameter count equals the JAX model's (aux excluded)."""
-        import jax
-
         torch = import_torch()
 
-        from fastscnn_jax import torch_reference
+        from fastscnn_jax import torch_reference  # imports torch
 
         self.torch = torch
         self.config = config
@@ -353,7 +338,7 @@ class TorchRunner:
             "the architectures differ, so the comparison would be meaningless"
         )
         self.num_params = torch_params
-        # AdamW with the config's hyperparameters, weight decay on kernels only, as train.create_optimizer.
+        # AdamW with the config's hyperparameters, weight decay on kernels only, as steps.create_optimizer.
         params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1]}],
@@ -370,8 +355,6 @@ class TorchRunner:
 
     def _autocast(self):
         """bfloat16 autocast when benchmarking bfloat16 (the analogue of the Flax model's compute dtype)."""
-        import contextlib
-
         if self.dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(self.device.type, dtype=self.dtype)
@@ -409,7 +392,7 @@ class TorchRunner:
 
     def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
         """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW,
-        and the step's confusion matrix (as `train.train_step` returns one in its metrics)."""
+        and the step's confusion matrix (as `steps.train_step` returns one in its metrics)."""
         torch = self.torch
         config = self.config
         images = self._images(batch["image"])
@@ -454,8 +437,13 @@ def input_pipeline_row(config, warmup: int, iters: int) -> dict:
     prefetching makes single batches arrive in bursts, `items_per_s` is total images over total time of the
     timed batches rather than the median's rate.
     """
+    # The only TensorFlow user here (tf.data, TFDS), imported only when this row is asked for.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
     from fastscnn_jax import camvid, input_pipeline
 
+    tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
     split = input_pipeline.InMemorySplit.from_builder(builder, "train")
     dataset = input_pipeline.train_dataset(split, config, local_batch_size=config.batch_size)
@@ -470,7 +458,7 @@ def input_pipeline_row(config, warmup: int, iters: int) -> dict:
     first, times = time_calls(next_batch, lambda _: None, warmup, iters)
     shape = (config.batch_size, *config.crop_size)
     peak = (max_rss_bytes(), "process max RSS")
-    row = _row("jax", "input_pipeline", shape, "float32", first, times, peak, depthwise_impl=None)
+    row = _row("jax", "input_pipeline", shape, "float32", first, times, peak, layer=None)
     row["items_per_s"] = round(config.batch_size * len(times) / sum(times), 3)
     return row
 
@@ -488,7 +476,7 @@ def add_ratios(rows: list[dict]) -> None:
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of the rows."""
     header = (
-        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'dw impl':<7} {'dots':<7} "
+        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'layer':<7} {'dots':<7} "
         f"{'compile_s':>9} {'median_ms':>10} {'p90_ms':>10} {'items/s':>9} {'peak_MiB':>9} {'jax/torch':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -496,7 +484,7 @@ def format_table(rows: list[dict]) -> str:
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
         peak = f"{r['peak_memory_bytes'] / 2**20:.0f}"
-        impls = f"{r.get('depthwise_impl') or '-':<7} {r.get('dot_library') or '-':<7}"
+        impls = f"{r.get('layer') or '-':<7} {r.get('dot_library') or '-':<7}"
         lines.append(
             f"{r['framework']:<9} {r['mode']:<14} {r['height']:>4}x{r['width']:<4} {r['batch']:>5} "
             f"{r['dtype']:<8} {impls} {compile_s:>9} {r['median_ms']:>10.2f} "
@@ -527,8 +515,8 @@ def pool_rounds(rows: list[dict]) -> dict:
 def measure_rounds(runners: list, method: str, batch: dict, warmup: int, iters: int, rounds: int) -> list:
     """`runner.<method>(batch, warmup, iters)` for each runner, `rounds` times in turn (JAX, PyTorch, JAX,
     PyTorch, ...), each runner's rounds pooled into one row: both frameworks then sample the same stretches of
-    a machine whose speed drifts (a shared VM's does, by 2x within minutes), where one block each would
-    give each its own stretch. Each round starts with its own untimed calls, so neither framework is timed
+    a machine whose speed drifts (a shared VM's does), where one block each would give each its own
+    stretch. Each round starts with its own untimed calls, so neither framework is timed
     on caches the other has just filled."""
     per_runner = [[] for _ in runners]
     for _ in range(rounds):
@@ -553,8 +541,8 @@ def run_benchmark(
     """Runs every measurement and returns the report.
 
     Args:
-      config: the configuration (model, optimizer, loss and data keys; `model.dtype` and
-        `model.depthwise_impl` as they should be benchmarked).
+      config: the configuration (model, optimizer, loss and data keys; `model.dtype` and `cpu_layer` as
+        they should be benchmarked).
       sizes: (height, width) input sizes for inference and train rows.
       batches: inference batch sizes.
       train_batch: train-step batch size (a multiple of the device count).
@@ -570,14 +558,9 @@ def run_benchmark(
     Returns:
       {"machine": `machine_info()`, "rows": [row, ...]}, rows with `framework`, `mode`, `height`, `width`,
       `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, `rounds`,
-      `times_ms` (every timed call), and for JAX rows
-      `depthwise_impl`, for JAX inference rows `dot_library` (None off CPU), and, where a PyTorch row
-      matches, `ratio_vs_torch`.
+      `times_ms` (every timed call), and for JAX rows `layer` (the layer's name), for JAX inference rows
+      `dot_library` (None off CPU), and, where a PyTorch row matches, `ratio_vs_torch`.
     """
-    import numpy as np
-
-    from fastscnn_jax import autotune
-
     if warmup < 0 or iters < 1 or rounds < 1:
         raise ValueError(
             f"need --warmup >= 0, --iters >= 1 and --rounds >= 1, got {warmup}, {iters} and {rounds}"
@@ -626,8 +609,6 @@ def main(argv):
         batches = parse_batches(FLAGS.batch)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
     modes = tuple(m for m in FLAGS.modes if not (FLAGS.skip_input_pipeline and m == "input_pipeline"))
     if not set(modes) <= set(MODES):
         raise app.UsageError(f"--modes must be among {','.join(MODES)}, got {','.join(FLAGS.modes)}")
@@ -635,14 +616,11 @@ def main(argv):
         import_torch()  # fail before minutes of JAX measurements, not after
         # JAX would otherwise take 75% of GPU memory at start, leaving PyTorch too little.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
     config = FLAGS.config.copy_and_resolve_references()
     if FLAGS.dtype:
         config.model.dtype = FLAGS.dtype
-    if FLAGS.depthwise_impl:
-        config.model.depthwise_impl = FLAGS.depthwise_impl
+    if FLAGS.cpu_layer:
+        config.cpu_layer = FLAGS.cpu_layer
     report = run_benchmark(
         config,
         sizes=sizes,
@@ -687,12 +665,15 @@ def define_flags() -> None:
         "dtype", None, ["float32", "bfloat16"], "Compute dtype; default the config's model.dtype."
     )
     flags.DEFINE_enum(
-        "depthwise_impl", None, ["auto", "shifted", "lax"], "Depthwise conv form; default the config's."
+        "cpu_layer",
+        None,
+        list(steps.CPU_LAYER_CHOICES),
+        "The CPU layer (fastscnn_jax/cpu): auto = on a CPU backend; default the config's cpu_layer.",
     )
     flags.DEFINE_enum(
         "dot_library",
         "auto",
-        ["auto", "ynnpack", "eigen"],  # autotune.DOT_LIBRARIES (importing it would start JAX here)
+        list(autotune.DOT_LIBRARIES),
         "XLA:CPU's matrix-product library for inference; 'auto' times both (fastscnn_jax/autotune.py).",
     )
     flags.DEFINE_list("modes", list(MODES), f"What to measure, comma-separated, among {','.join(MODES)}.")
@@ -700,11 +681,10 @@ def define_flags() -> None:
     flags.DEFINE_boolean("compare_torch", False, f"Also time a PyTorch Fast-SCNN ({TORCH_INSTALL_HINT}).")
     flags.DEFINE_string("output", None, "Write the JSON report here.")
     # The README spells these with hyphens; absl aliases accept both spellings.
-    for name in ("train_batch", "skip_input_pipeline", "compare_torch", "dot_library"):
+    for name in ("train_batch", "skip_input_pipeline", "compare_torch", "dot_library", "cpu_layer"):
         flags.DEFINE_alias(name.replace("_", "-"), name)
 
 
 if __name__ == "__main__":
-    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

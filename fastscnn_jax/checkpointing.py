@@ -6,6 +6,8 @@ and deletes the latest, which breaks resume:
   `WORKDIR/best/<step>/{variables,meta}`: params and batch_stats only, of the best evaluation so far.
 `meta` is JSON (step, scores, model settings, a SHA-256 of the state); nothing is pickled.
 Released weights (`fastscnn_jax/weights/*.msgpack`) are one msgpack file of params, batch_stats and meta.
+`load_model` reads any of these and builds the network its metadata describes; it, like the rest of this
+module, imports without TensorFlow.
 
 Faults (docs/reliability.md): orbax writes a save into `<step>.orbax-checkpoint-tmp` and renames it once
 complete, so a process killed while saving leaves that folder and the previous checkpoints intact; resuming
@@ -27,6 +29,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import serialization
+
+from fastscnn_jax import models, steps
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -328,6 +332,32 @@ def load_variables(path: str) -> tuple[dict, dict]:
         f"no checkpoint found in {path}: expected a workdir with {BEST_DIR}/ or {LATEST_DIR}/, "
         "or a step folder with variables/ or state/"
     )
+
+
+def load_model(path: str, layer: str = "auto") -> tuple[models.FastSCNN, dict, dict]:
+    """The network a weights file or workdir holds, ready for `model.apply(variables, images, train=False)`.
+
+    Args:
+      path: as for `load_variables`.
+      layer: `config.cpu_layer`'s choice ('auto', 'on' or 'off', `steps.select_layer`) of the forms the
+        model is built with; the variables are the same for every layer.
+
+    Returns:
+      (module built from `meta["model"]`, variables {'params', 'batch_stats'}, meta).
+
+    Raises:
+      ValueError: the metadata has no model settings (the network cannot be known), naming `path`.
+    """
+    variables, meta = load_variables(path)
+    settings = meta.get("model")
+    missing = [k for k in ("num_classes", "width") if not isinstance(settings, dict) or k not in settings]
+    if missing:
+        raise ValueError(
+            f"{path} has no model settings in its metadata (meta['model'] lacks {', '.join(missing)}); "
+            "cannot build the model it was trained as"
+        )
+    model = steps.model_from_signature(settings, steps.select_layer(layer))
+    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta
 
 
 def save_weights_file(path: str, variables: dict, meta: dict) -> None:

@@ -11,7 +11,7 @@ The input is a state dict in the layout of github.com/Tramac/Fast-SCNN-pytorch (
 refused. The number of classes comes from `classifier.conv.1.weight`; `--num_classes` checks it.
 
 The output is one msgpack file like the shipped weights (`checkpointing.save_weights_file`), with meta
-`model = {num_classes, width: 1.0, aux_head, torch_compat: true}`: the network to build is
+`model = {num_classes, width: 1.0, aux_head, torch_compat: true}`: `checkpointing.load_model` builds from it
 `models.FastSCNN(num_classes, torch_compat=True)`, which computes what Tramac's model computes (see
 `models.FastSCNN`). Like every fastscnn_jax model it takes raw RGB 0..255 and applies the ImageNet
 normalisation inside, which is what Tramac's `ToTensor` + `Normalize` does before his network.
@@ -28,10 +28,12 @@ import sys
 import zipfile
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fastscnn_jax import cli
+from fastscnn_jax import checkpointing, cli, models
 
 FLAGS = flags.FLAGS
 
@@ -47,7 +49,7 @@ class ConversionError(ValueError):
 
 def _import_torch():
     """torch, or a ConversionError saying how to install it."""
-    try:
+    try:  # torch is optional: imported only when a file is read
         import torch
     except ImportError as e:
         raise ConversionError(
@@ -61,16 +63,14 @@ def _import_torch():
 
 
 def _conv(torch_name: str, flax_path: tuple[str, ...], bias: bool = False) -> list:
-    """A Conv2d [O, I, kh, kw] (and its bias) -> a Flax Conv kernel [kh, kw, I, O]."""
+    """A Conv2d [O, I/groups, kh, kw] (and its bias) -> a Flax Conv kernel [kh, kw, I/groups, O].
+
+    Depthwise convolutions too: [C, 1, 3, 3] -> [3, 3, 1, C], an `nn.Conv` with `feature_group_count=C`.
+    """
     entries = [(f"{torch_name}.weight", "params", (*flax_path, "kernel"), "conv")]
     if bias:
         entries.append((f"{torch_name}.bias", "params", (*flax_path, "bias"), "copy"))
     return entries
-
-
-def _depthwise(torch_name: str, flax_path: tuple[str, ...]) -> list:
-    """A depthwise Conv2d [C, 1, 3, 3] -> a DepthwiseConv3x3 kernel [3, 3, C]."""
-    return [(f"{torch_name}.weight", "params", (*flax_path, "kernel"), "depthwise")]
 
 
 def _bn(torch_name: str, flax_path: tuple[str, ...]) -> list:
@@ -83,27 +83,23 @@ def _bn(torch_name: str, flax_path: tuple[str, ...]) -> list:
     ]
 
 
-def _conv_bn(torch_conv: str, torch_bn: str, flax_path: tuple[str, ...], depthwise: bool = False, bias=False):
-    """A conv and its BN -> a `models.ConvBN` at `flax_path`."""
-    if depthwise:
-        conv = _depthwise(torch_conv, (*flax_path, "DepthwiseConv3x3_0"))
-    else:
-        conv = _conv(torch_conv, (*flax_path, "Conv_0"), bias)
-    return conv + _bn(torch_bn, (*flax_path, "BatchNorm_0"))
+def _conv_bn(torch_conv: str, torch_bn: str, flax_path: tuple[str, ...], bias: bool = False) -> list:
+    """A conv (depthwise or not) and its BN -> a `models.ConvBN` at `flax_path`."""
+    return _conv(torch_conv, (*flax_path, "Conv_0"), bias) + _bn(torch_bn, (*flax_path, "BatchNorm_0"))
 
 
 def _dsconv(torch_name: str, flax_path: tuple[str, ...]) -> list:
     """Tramac's `_DSConv` (`conv.0,1` depthwise + BN, `conv.3,4` 1x1 + BN) -> a `models.DSConv`."""
-    return _conv_bn(
-        f"{torch_name}.conv.0", f"{torch_name}.conv.1", (*flax_path, "ConvBN_0"), depthwise=True
-    ) + _conv_bn(f"{torch_name}.conv.3", f"{torch_name}.conv.4", (*flax_path, "ConvBN_1"))
+    return _conv_bn(f"{torch_name}.conv.0", f"{torch_name}.conv.1", (*flax_path, "ConvBN_0")) + _conv_bn(
+        f"{torch_name}.conv.3", f"{torch_name}.conv.4", (*flax_path, "ConvBN_1")
+    )
 
 
 def key_map(aux: bool) -> list[tuple[str, str, tuple[str, ...], str]]:
     """(torch key, flax collection, flax path, conversion) for every tensor of Tramac's FastSCNN.
 
-    Conversions: 'conv' transposes [O, I, kh, kw] to [kh, kw, I, O], 'depthwise' [C, 1, 3, 3] to
-    [3, 3, C], 'copy' keeps the array. BatchNorm `num_batches_tracked` counters are not listed (ignored).
+    Conversions: 'conv' transposes [O, I, kh, kw] to [kh, kw, I, O] (depthwise [C, 1, 3, 3] to
+    [3, 3, 1, C]), 'copy' keeps the array. BatchNorm `num_batches_tracked` counters are not listed (ignored).
     """
     entries = []
     ltd = "learning_to_downsample"
@@ -117,14 +113,14 @@ def key_map(aux: bool) -> list[tuple[str, str, tuple[str, ...], str]]:
             t = f"{gfe}.bottleneck{stage + 1}.{block}.block"
             f = (gfe, f"InvertedResidual_{3 * stage + block}")
             entries += _conv_bn(f"{t}.0.conv.0", f"{t}.0.conv.1", (*f, "ConvBN_0"))
-            entries += _conv_bn(f"{t}.1.conv.0", f"{t}.1.conv.1", (*f, "ConvBN_1"), depthwise=True)
+            entries += _conv_bn(f"{t}.1.conv.0", f"{t}.1.conv.1", (*f, "ConvBN_1"))
             entries += _conv_bn(f"{t}.2", f"{t}.3", (*f, "ConvBN_2"))
     for i, name in enumerate(("conv1", "conv2", "conv3", "conv4", "out")):
         t = f"{gfe}.ppm.{name}.conv"
         entries += _conv_bn(f"{t}.0", f"{t}.1", (gfe, "PyramidPooling_0", f"ConvBN_{i}"))
 
     ff = "feature_fusion"
-    entries += _conv_bn(f"{ff}.dwconv.conv.0", f"{ff}.dwconv.conv.1", (ff, "ConvBN_0"), depthwise=True)
+    entries += _conv_bn(f"{ff}.dwconv.conv.0", f"{ff}.dwconv.conv.1", (ff, "ConvBN_0"))
     entries += _conv_bn(f"{ff}.conv_lower_res.0", f"{ff}.conv_lower_res.1", (ff, "ConvBN_1"), bias=True)
     entries += _conv_bn(f"{ff}.conv_higher_res.0", f"{ff}.conv_higher_res.1", (ff, "ConvBN_2"), bias=True)
 
@@ -143,9 +139,6 @@ def _to_torch_shape(flax_shape: tuple[int, ...], conversion: str) -> tuple[int, 
     if conversion == "conv":
         kh, kw, cin, cout = flax_shape
         return (cout, cin, kh, kw)
-    if conversion == "depthwise":
-        kh, kw, channels = flax_shape
-        return (channels, 1, kh, kw)
     return tuple(flax_shape)
 
 
@@ -153,19 +146,12 @@ def _convert(array: np.ndarray, conversion: str) -> np.ndarray:
     """A PyTorch-layout array in Flax layout, float32."""
     if conversion == "conv":
         array = array.transpose(2, 3, 1, 0)
-    elif conversion == "depthwise":
-        array = array[:, 0].transpose(1, 2, 0)
     return np.ascontiguousarray(array, np.float32)
 
 
 @functools.lru_cache(maxsize=8)
 def _flax_shapes(num_classes: int, aux: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{(collection, *path): shape} of every variable of `FastSCNN(num_classes, torch_compat=True)`."""
-    import jax
-    import jax.numpy as jnp
-
-    from fastscnn_jax import models
-
     model = models.FastSCNN(num_classes, width=WIDTH, aux_head=aux, torch_compat=True)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     shapes = jax.eval_shape(lambda x: model.init(rngs, x, train=True), jnp.zeros((1, 64, 64, 3)))
@@ -332,8 +318,6 @@ def _sha256(path: str) -> str:
 
 def convert(input_path: str, output_path: str, num_classes: int | None = None) -> dict:
     """Converts a Tramac FastSCNN PyTorch file into a fastscnn_jax weights file; returns its meta."""
-    from fastscnn_jax import checkpointing
-
     state = load_state_dict(input_path)
     variables, settings = convert_state_dict(state, num_classes, source=input_path)
     meta = {
@@ -362,7 +346,7 @@ def main(argv):
     model = meta["model"]
     print(
         f"{FLAGS.input} -> {FLAGS.output}: Tramac FastSCNN, {model['num_classes']} classes, "
-        f"{'with' if model['aux_head'] else 'without'} auxiliary head; build it as "
+        f"{'with' if model['aux_head'] else 'without'} auxiliary head; checkpointing.load_model builds it as "
         f"models.FastSCNN({model['num_classes']}, torch_compat=True)"
     )
 

@@ -14,10 +14,13 @@ through the config's `dataset_dir`, as for training, so a full copy with a test 
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from fastscnn_jax import cli
+from fastscnn_jax import camvid, checkpointing, cli, metrics, steps, train
 
 FLAGS = flags.FLAGS
 
@@ -25,28 +28,24 @@ FLAGS = flags.FLAGS
 def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
     """Scores of a checkpoint on a split.
 
+    The checkpoint fixes the network (`checkpointing.load_model`: e.g. imported PyTorch weights are built
+    with `torch_compat`); the config fixes how it is evaluated: the dataset, `eval_batch_size`, the compute
+    `model.dtype` and the `cpu_layer`.
+
     Args:
-      config: the configuration (model settings, `dataset_dir`, `eval_batch_size`).
-      checkpoint: a workdir or checkpoint step folder.
+      config: the configuration.
+      checkpoint: a weights file, workdir or checkpoint step folder.
       split: the split to evaluate.
 
     Returns:
       `metrics.segmentation_scores` plus `split`, `checkpoint` and `confusion_matrix`.
     """
-    from fastscnn_jax import camvid, checkpointing, train
-
-    train.validate_config(config)
-    variables, meta = checkpointing.load_variables(checkpoint)
-    if meta.get("model"):
-        # The checkpoint fixes the architecture (e.g. imported PyTorch weights); the config the evaluation.
-        config = config.copy_and_resolve_references()
-        for key in ("width", "aux_head", "torch_compat"):
-            if key in meta["model"]:
-                config.model[key] = meta["model"][key]
-        train.check_compatible(meta["model"], config, checkpoint)
+    steps.validate_config(config)
+    model, variables, _ = checkpointing.load_model(checkpoint, config.cpu_layer)
+    model = model.clone(dtype=jnp.dtype(config.model.dtype))
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
-    mesh = train.create_mesh()
-    eval_step = train.make_eval_step(train.create_model(config), config, mesh)
+    mesh = steps.create_mesh()
+    eval_step = steps.make_eval_step(model, config, mesh)
     scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh)
     return {
         **scores,
@@ -58,11 +57,12 @@ def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
 
 def plot_confusion(matrix, class_names, path: str, title: str = "") -> None:
     """Saves the row-normalised confusion matrix (recall per true class) as a PNG."""
+    # Imported and switched to Agg only when a plot is made: at import, Agg would replace the backend of
+    # every importer (a notebook's inline figures).
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     matrix = np.asarray(matrix, np.float64)
     normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
@@ -95,15 +95,7 @@ def main(argv):
     """Evaluates and writes the JSON report."""
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
-    import tensorflow as tf
-
-    from fastscnn_jax import metrics
-
-    tf.config.set_visible_devices([], "GPU")
-    from fastscnn_jax import camvid, checkpointing
-
+    tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
     checkpoint = FLAGS.checkpoint or FLAGS.workdir or checkpointing.DEFAULT_WEIGHTS
     if not os.path.exists(checkpoint):
         raise app.UsageError(f"checkpoint {checkpoint} does not exist")
@@ -135,6 +127,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -24,35 +24,47 @@ Formats (`FORMATS`):
   stablehlo     `jax.export` serialisation (batch symbolic), loadable with `jax.export.deserialize` and no
                 model code; lowered for CPU, CUDA and TPU.
   onnx          ONNX, via the float32 TFLite model and tf2onnx; needs the `[onnx]` extra.
-SavedModel and StableHLO run through XLA and get the depthwise convolutions in the form the exporting
-machine's backend prefers (nine shifted multiply-adds when exported on a CPU; `--depthwise_impl=lax` for an
-export served on GPU/TPU); TFLite and ONNX get one grouped convolution, which converts to a depthwise op.
-TFLite and ONNX models have batch 1. TFLite models are run (verified) with `ai_edge_litert`'s interpreter
-(the `[tflite]` extra), which replaces the deprecated `tf.lite.Interpreter`. Every model takes raw RGB uint8
-NHWC images (0..255; the network normalises inside) and returns float32 logits NHWC [B, height, width,
-num_classes]. Height and width are fixed at export (`--height`, `--width`): the network's resize and pooling
-matrices are computed with numpy from static shapes, so they cannot be symbolic (jax2tf with a symbolic height
-fails with "TypeError: '_DimExpr' object cannot be interpreted as an integer").
+Every format is exported from the plain core (`checkpointing.load_model(..., layer="off")`): convolutions as
+`lax.conv_general_dilated`, which the TFLite and ONNX converters turn into CONV_2D and DEPTHWISE_CONV_2D ops
+and which every XLA backend compiles, so that a SavedModel or StableHLO file made on one machine runs well on
+another; the CPU layer's forms are for this machine's XLA:CPU only. TFLite and ONNX models have batch 1.
+TFLite models are run (verified) with `ai_edge_litert`'s interpreter (the `[tflite]` extra), which replaces
+the deprecated `tf.lite.Interpreter`. Every model takes raw RGB uint8 NHWC images (0..255; the network
+normalises inside) and returns float32 logits NHWC [B, height, width, num_classes]. Height and width are fixed
+at export (`--height`, `--width`): the network's resize and pooling matrices are computed with numpy from
+static shapes, so they cannot be symbolic (jax2tf with a symbolic height fails with "TypeError: '_DimExpr'
+object cannot be interpreted as an integer").
 
 Every export is verified before it is reported as written: on `--num_verify` CamVid val images resized to the
-export size, its logits are compared with the JAX model's (max absolute error, per-pixel argmax agreement)
-against the floors in `FLOORS`. A failed verification removes the file and exits with an error.
+export size, its logits are compared with the JAX model's as this machine runs it (`predict`'s model: the
+backend's layer, `layer="auto"`) on max absolute error and per-pixel argmax agreement, against the floors in
+`FLOORS`. A failed verification removes the file and exits with an error.
+
+TensorFlow is imported only by the formats that need it (SavedModel, TFLite, ONNX): the StableHLO export,
+the images it is verified on included, runs without it.
 """
 
 import dataclasses
 import os
+import pathlib
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from importlib import metadata
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax import export as jax_export
 from PIL import Image
 
-from fastscnn_jax import camvid, checkpointing, cli
+from fastscnn_jax import checkpointing, cli
+from fastscnn_jax.images import open_image
 
 FORMATS = (
     "saved_model",
@@ -87,20 +99,15 @@ class Floor:
     agreement: float  # per-pixel argmax agreement with the JAX model, fraction
 
 
-# Float32 formats compute the same function (observed max error ~3e-5). Float16 weights move logits by up to
-# ~0.3 and flip 0.05% of the pixels at 360x480, 0.11% at 96x128 (pixels whose top two logits are that close).
-# Full-integer PTQ (min/max calibration, after `equalize_activations`) of this network gives 98.7% agreement
-# on CamVid val at 360x480 and 97.4-97.9% at 96x128 (docs/export.md); tflite_int8_mixed 99.1% and 98.4%. Not
-# the 99% hoped for at every size: the floors are 96.5% and 97.5%. (int16 activations with int8 weights reach
-# 99.5%, but run ~20x slower than int8 on CPU; not offered. tflite_dynamic, int8 weights with float
-# activations, reaches 99.7%.)
+# Float32 formats compute the same function, to float rounding. Float16 weights move the logits a little and
+# flip the pixels whose top two logits are that close. Quantised formats are held to argmax agreement below
+# what they reach on CamVid val at 96x128 and 360x480 (docs/export.md), the smaller size being the harder.
 FLOORS = {
     "saved_model": Floor(1e-3, 0.9999),
     "tflite": Floor(1e-3, 0.9999),
     "tflite_fp16": Floor(0.5, 0.998),
     "tflite_int8": Floor(None, 0.965),
     "tflite_int8_mixed": Floor(None, 0.975),
-    # Observed: max error 0.53 and 99.43% agreement at 96x128, 0.66 and 99.69% at 360x480.
     "tflite_dynamic": Floor(1.5, 0.99),
     "stablehlo": Floor(1e-3, 0.9999),
     "onnx": Floor(1e-3, 0.9999),
@@ -126,49 +133,22 @@ class Result:
     latency_ms: float | None = None
 
 
-def build_model(checkpoint: str, depthwise_impl: str = "lax"):
+def build_model(checkpoint: str, layer: str = "off"):
     """(apply, variables, meta) of a weights file or workdir: `apply(variables, images)` maps raw RGB
     images [B, H, W, 3] (uint8 or float, 0..255) to float32 logits [B, H, W, C].
 
-    The model is built from the file's meta["model"] as `predict.Segmenter` does, by default with the `lax`
-    depthwise convolution (same outputs as the CPU default's shifted multiply-adds), which converts to
-    TFLite's DEPTHWISE_CONV_2D and quantises better (int8 at 96x128: 98% argmax agreement, 91% with shifted);
-    `lax` also keeps the 1x1 convolutions as convolutions (CONV_2D, int8 weights per channel; the CPU forms'
-    dots become FULLY_CONNECTED, quantised per tensor).
+    The model is `checkpointing.load_model`'s, by default the plain core (`layer="off"`), which every format
+    is exported from; `layer="auto"` gives the model as this machine runs it, the verification's reference.
+    `apply.module` is the Flax module (for `equalize_activations`).
     """
-    from fastscnn_jax import models
-
-    variables, meta = checkpointing.load_variables(checkpoint)
-    settings = meta.get("model")
-    if not settings:
-        raise ValueError(f"{checkpoint} has no model settings in its metadata; cannot build the model")
-    model = models.FastSCNN(
-        num_classes=settings["num_classes"],
-        width=settings["width"],
-        torch_compat=settings.get("torch_compat", False),
-        depthwise_impl=depthwise_impl,
-    )
-    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    model, variables, meta = checkpointing.load_model(checkpoint, layer)
 
     def fastscnn(variables, images):
         """Logits [B, H, W, C] of raw RGB images [B, H, W, 3]."""
         return model.apply(variables, images, train=False)
 
-    fastscnn.module = model  # for `equalize_activations`
+    fastscnn.module = model
     return fastscnn, variables, meta
-
-
-def depthwise_impl_for(format: str, depthwise_impl: str = "auto") -> str:
-    """The depthwise convolution form a format is exported with.
-
-    'auto': `lax` (one grouped convolution) for TFLite and ONNX, whose converters turn it into a depthwise
-    convolution op; for SavedModel and StableHLO, which run through XLA, what the model picks on the exporting
-    machine (`models.FastSCNN`'s 'auto': nine shifted multiply-adds on CPU, 5x faster there than XLA:CPU's
-    grouped convolution; `lax` on GPU/TPU). Any other value is used for every format.
-    """
-    if depthwise_impl != "auto":
-        return depthwise_impl
-    return "lax" if format.startswith("tflite") or format == "onnx" else "auto"
 
 
 def _equalization_pairs(num_blocks: int) -> list[tuple[str, list[str], list[tuple[str, str]]]]:
@@ -177,14 +157,15 @@ def _equalization_pairs(num_blocks: int) -> list[tuple[str, list[str], list[tupl
     A producer is a module whose output is ReLU(BatchNorm(...)) (or, for the feature fusion, ReLU of a sum of
     two BatchNorms) and whose every consumer is linear in each channel of it: a depthwise convolution ('dw'),
     or a convolution ('conv'), possibly after a per-channel bilinear resize (pyramid pooling -> fusion).
-    Paths are of the Flax parameters, '/'-separated.
+    Paths are of the Flax parameters, '/'-separated; every convolution is a `Conv_0`, depthwise ones with
+    kernels [3, 3, 1, C].
     """
     ltd, gfe, ff, cls = "learning_to_downsample", "global_feature_extractor", "feature_fusion", "classifier"
-    dw, conv = "DepthwiseConv3x3_0", "Conv_0"
+    conv = "Conv_0"
 
     def simple(producer, consumer, kind):
         """A ConvBN whose single consumer is `consumer`."""
-        return (producer, [producer], [(f"{consumer}/{dw if kind == 'dw' else conv}", kind)])
+        return (producer, [producer], [(f"{consumer}/{conv}", kind)])
 
     pairs = [
         simple(f"{ltd}/ConvBN_0", f"{ltd}/DSConv_0/ConvBN_0", "dw"),
@@ -211,7 +192,7 @@ def _equalization_pairs(num_blocks: int) -> list[tuple[str, list[str], list[tupl
     pairs += [
         simple(f"{gfe}/PyramidPooling_0/ConvBN_4", f"{ff}/ConvBN_0", "dw"),  # through the 4x upsampling
         simple(f"{ff}/ConvBN_0", f"{ff}/ConvBN_1", "conv"),
-        (ff, [f"{ff}/ConvBN_1", f"{ff}/ConvBN_2"], [(f"{cls}/DSConv_0/ConvBN_0/{dw}", "dw")]),
+        (ff, [f"{ff}/ConvBN_1", f"{ff}/ConvBN_2"], [(f"{cls}/DSConv_0/ConvBN_0/{conv}", "dw")]),
         simple(f"{cls}/DSConv_0/ConvBN_0", f"{cls}/DSConv_0/ConvBN_1", "conv"),
         simple(f"{cls}/DSConv_0/ConvBN_1", f"{cls}/DSConv_1/ConvBN_0", "dw"),
         simple(f"{cls}/DSConv_1/ConvBN_0", f"{cls}/DSConv_1/ConvBN_1", "conv"),
@@ -238,9 +219,6 @@ def equalize_activations(apply, variables: dict, calibration: np.ndarray) -> dic
       variables: {'params', 'batch_stats'}.
       calibration: uint8 images [N, H, W, 3] the ranges are measured on.
     """
-    import jax
-    import jax.numpy as jnp
-
     model = apply.module
 
     def channel_maxima(variables, images):
@@ -282,7 +260,8 @@ def equalize_activations(apply, variables: dict, calibration: np.ndarray) -> dic
                 if owner.startswith("aux_head/"):
                     continue  # weights without the auxiliary head
                 raise
-            shape = (1, 1, -1) if kind == "dw" else (1, 1, -1, 1)
+            # A depthwise kernel [3, 3, 1, C] takes input channel c in its output channel c.
+            shape = (1, 1, 1, -1) if kind == "dw" else (1, 1, -1, 1)
             layer["kernel"] = (layer["kernel"] * scale.reshape(shape)).astype(np.float32)
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
@@ -309,29 +288,63 @@ def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
+def find_camvid_dir(dataset_dir: str = "") -> pathlib.Path:
+    """The CamVid folder the verification and calibration images are read from: `dataset_dir`, else
+    $CAMVID_DIR, else `../shared/camvid` beside the checkout or the current folder.
+
+    The places `camvid.find_camvid_dir` looks in, without importing that module (it needs TensorFlow).
+
+    Raises:
+      ExportError: a given folder that has no `train/` and `val/`, or none found.
+    """
+    is_camvid = lambda path: (path / "train").is_dir() and (path / "val").is_dir()
+    for given, what in ((dataset_dir, "--dataset_dir"), (os.environ.get("CAMVID_DIR", ""), "$CAMVID_DIR")):
+        if given:
+            path = pathlib.Path(given).expanduser().resolve()
+            if not is_camvid(path):
+                raise ExportError(f"{what}={path} is not a CamVid folder: it needs train/ and val/")
+            return path
+    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    for base in (repo_root, pathlib.Path.cwd()):
+        path = (base.parent / "shared" / "camvid").resolve()
+        if is_camvid(path):
+            return path
+    raise ExportError("no local CamVid folder found (--dataset_dir, $CAMVID_DIR or ../shared/camvid)")
+
+
 def camvid_images(split: str, count: int, height: int, width: int, dataset_dir: str = "") -> np.ndarray:
-    """`count` CamVid images of `split` spread evenly over it, as uint8 [count, height, width, 3]."""
-    root = camvid.find_camvid_dir(dataset_dir)
-    if root is None:
-        raise ExportError("no local CamVid folder found (--dataset_dir, $CAMVID_DIR or ../shared/camvid)")
-    pairs = camvid.list_split(root, split)
-    if len(pairs) < count:
-        raise ExportError(f"CamVid {split} in {root} has {len(pairs)} images, fewer than {count}")
-    picks = np.linspace(0, len(pairs) - 1, count).round().astype(int)
-    images = []
+    """`count` CamVid images of `split` (`<folder>/<split>/*.png`, by file name) spread evenly over it, as
+    uint8 [count, height, width, 3]; the folder is `find_camvid_dir(dataset_dir)`."""
+    root = find_camvid_dir(dataset_dir)
+    paths = sorted((root / split).glob("*.png"))
+    if len(paths) < count:
+        raise ExportError(f"CamVid {split} in {root} has {len(paths)} images, fewer than {count}")
+    picks = np.linspace(0, len(paths) - 1, count).round().astype(int)
+    fitted = []
     for i in picks:
-        with camvid.open_image(pairs[i][0]) as image:
-            images.append(fit_image(np.asarray(image.convert("RGB")), height, width))
-    return np.stack(images)
+        with open_image(paths[i]) as image:
+            fitted.append(fit_image(np.asarray(image.convert("RGB")), height, width))
+    return np.stack(fitted)
 
 
 # ---------------------------------------------------------------------------------------------- exporters
 
 
+def _tensorflow():
+    """TensorFlow, imported only by the formats that need it (not StableHLO's); ExportError if missing."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ExportError(
+            f"this format needs TensorFlow, which does not import ({e}); only stablehlo does without it"
+        ) from None
+    return tf
+
+
 def _tf_function(fn, height: int, width: int):
     """A tf.function of the jax2tf-converted `fn` over uint8 images [1, height, width, 3]."""
-    import tensorflow as tf
-    from jax.experimental import jax2tf
+    tf = _tensorflow()
+    from jax.experimental import jax2tf  # needs TensorFlow
 
     converted = jax2tf.convert(fn, with_gradient=False)
     return tf.function(
@@ -347,8 +360,8 @@ def export_saved_model(apply, variables, path: str, height: int, width: int) -> 
     The variables are TF variables of the SavedModel (stored once, not as constants of the function); the
     uint8 signature casts to float32 and calls the float one (one converted function).
     """
-    import tensorflow as tf
-    from jax.experimental import jax2tf
+    tf = _tensorflow()
+    from jax.experimental import jax2tf  # needs TensorFlow
 
     module = tf.Module()
     module.variables_ = tf.nest.map_structure(tf.Variable, variables)
@@ -380,7 +393,7 @@ def export_tflite(
     `quantization`: 'none', 'float16', 'int8' (full integer; needs `calibration`), 'int8_mixed' (int8 but
     `MIXED_FLOAT_LAYERS` in float32; needs `calibration`) or 'dynamic' (int8 weights).
     """
-    import tensorflow as tf
+    tf = _tensorflow()
 
     module = tf.Module()
     module.serve = _tf_function(fn, height, width)
@@ -414,12 +427,10 @@ def export_tflite(
 
 
 # Layers that tflite_int8_mixed keeps in float32, as regular expressions over the names of the TFLite ops'
-# outputs (which carry the Flax module path). Chosen by measurement before `equalize_activations` existed
-# (docs/export.md): with everything int8, 97.4% argmax agreement at 360x480; learning-to-downsample alone in
-# float (the full-resolution branch, whose rounding errors reach the logits twice, through the fusion and
-# the global branch), 98.9%; no other single block moved it by more than 0.2 points; with the fusion, the
-# classifier and the final upsampling as well, 99.1%. The global feature extractor and pyramid pooling (most
-# of the weights and MACs at low resolution) stay int8.
+# outputs (which carry the Flax module path): the blocks whose int8 rounding cost the most argmax agreement
+# (docs/export.md), above all learning-to-downsample, the full-resolution branch, whose rounding errors reach
+# the logits twice (through the fusion and the global branch). The global feature extractor and pyramid
+# pooling (most of the weights and MACs, at low resolution) stay int8.
 MIXED_FLOAT_LAYERS = (
     r"FastSCNN/learning_to_downsample/",
     r"FastSCNN/feature_fusion/",
@@ -434,9 +445,7 @@ def _quantize_mixed(converter, calibration: np.ndarray) -> bytes:
     TFLite's selective quantisation (`tf.lite.experimental.QuantizationDebugger` with `denylisted_nodes`):
     the node names are read off the float model; the converter adds the (de)quantise ops at the borders.
     """
-    import re
-
-    import tensorflow as tf
+    tf = _tensorflow()
 
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -470,12 +479,9 @@ def _quantize_mixed(converter, calibration: np.ndarray) -> bytes:
 
 def export_stablehlo(fn, path: str, height: int, width: int) -> None:
     """Writes `jax.export` bytes of the model, batch symbolic, for CPU, CUDA and TPU."""
-    import jax
-    from jax import export
-
-    (batch,) = export.symbolic_shape("b")
+    (batch,) = jax_export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((batch, height, width, 3), np.uint8)
-    exported = export.export(jax.jit(fn), platforms=("cpu", "cuda", "tpu"))(spec)
+    exported = jax_export.export(jax.jit(fn), platforms=("cpu", "cuda", "tpu"))(spec)
     with open(path, "wb") as f:
         f.write(exported.serialize())
 
@@ -501,7 +507,7 @@ def load_runner(format: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
     Models of batch 1 (TFLite, ONNX) are run image by image.
     """
     if format == "saved_model":
-        import tensorflow as tf
+        tf = _tensorflow()
 
         signature = tf.saved_model.load(path).signatures["serving_default"]
         return lambda images: signature(images=tf.constant(images))["logits"].numpy()
@@ -527,11 +533,8 @@ def load_runner(format: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
 
         return run_tflite
     if format == "stablehlo":
-        import jax
-        from jax import export
-
         with open(path, "rb") as f:
-            exported = export.deserialize(bytearray(f.read()))
+            exported = jax_export.deserialize(bytearray(f.read()))
         call = jax.jit(exported.call)
         return lambda images: np.asarray(call(images))
     if format == "onnx":
@@ -676,7 +679,6 @@ def report_table(
     results: list[Result], height: int, width: int, jax_latency: float | None, num_verify: int, runs: int
 ) -> str:
     """Markdown table of the results, with a line saying how they were measured and with what."""
-    from importlib import metadata
 
     def version(package):
         """Installed version of `package`, or 'not installed'."""
@@ -720,34 +722,23 @@ def main(argv):
         )
     if not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
-    import jax
-
     height, width = FLAGS.height, FLAGS.width
-    models_by_impl, equalized_by_impl = {}, {}
-
-    def model_for(format):
-        """(apply, variables) of the model exported as `format` (see `depthwise_impl_for`); for the int8
-        formats the variables are equalised, once for all of them."""
-        impl = depthwise_impl_for(format, FLAGS.depthwise_impl)
-        if impl not in models_by_impl:
-            models_by_impl[impl] = build_model(FLAGS.checkpoint, impl)[:2]
-        apply, variables = models_by_impl[impl]
-        if format not in INT8_FORMATS:
-            return apply, variables
-        if impl not in equalized_by_impl:
-            equalized_by_impl[impl] = equalize_activations(apply, variables, calibration)
-        return apply, equalized_by_impl[impl]
-
     try:
-        images = camvid_images("val", FLAGS.num_verify, height, width, FLAGS.dataset_dir)
+        verify_images = camvid_images("val", FLAGS.num_verify, height, width, FLAGS.dataset_dir)
         calibration = None
         if set(INT8_FORMATS) & set(formats):
             calibration = camvid_images("train", FLAGS.num_calibration, height, width, FLAGS.dataset_dir)
-    except (ExportError, camvid.DatasetError) as e:
+    except ExportError as e:
         sys.exit(f"error: {e}")
-    # The reference: the JAX model as predict.py builds and runs it.
-    jitted = jax.jit(bind(*build_model(FLAGS.checkpoint, depthwise_impl="auto")[:2]))
-    reference = np.asarray(jitted(images))
+    try:
+        # Every format from the plain core; the int8 ones from its equalised variables, computed once.
+        apply, variables, _ = build_model(FLAGS.checkpoint, "off")
+        # The reference: the model as predict.py builds and runs it on this machine.
+        jitted = jax.jit(bind(*build_model(FLAGS.checkpoint, "auto")[:2]))
+    except ValueError as e:  # not a weights file, or one without model settings: the message names it
+        sys.exit(f"error: {e}")
+    equalized = None if calibration is None else equalize_activations(apply, variables, calibration)
+    reference = np.asarray(jitted(verify_images))
     several = len(formats) > 1
     results = []
     for format in formats:
@@ -756,11 +747,12 @@ def main(argv):
         try:
             result = export(
                 format,
-                *model_for(format),
+                apply,
+                equalized if format in INT8_FORMATS else variables,
                 path,
                 height,
                 width,
-                images,
+                verify_images,
                 reference,
                 calibration,
                 equalize=False,
@@ -769,18 +761,18 @@ def main(argv):
             sys.exit(f"error: {e}")
         results.append(result)
         print(
-            f"wrote {path}: {format}, {result.size_bytes / 2**20:.2f} MiB; verified on {len(images)} "
+            f"wrote {path}: {format}, {result.size_bytes / 2**20:.2f} MiB; verified on {len(verify_images)} "
             f"CamVid val images at {height}x{width}: max abs logit error {result.max_abs_error:.2g}, argmax "
             f"agreement {result.agreement:.4%} ({time.perf_counter() - start:.1f} s)"
         )
     if FLAGS.report:
         runners = {JAX_ROW: lambda x: np.asarray(jitted(x))}
         runners.update((r.format, load_runner(r.format, r.path)) for r in results)
-        latencies = measure_latencies(runners, images[:1], FLAGS.latency_runs)
+        latencies = measure_latencies(runners, verify_images[:1], FLAGS.latency_runs)
         for r in results:
             r.latency_ms = latencies[r.format]
         jax_latency = latencies[JAX_ROW]
-        table = report_table(results, height, width, jax_latency, len(images), FLAGS.latency_runs)
+        table = report_table(results, height, width, jax_latency, len(verify_images), FLAGS.latency_runs)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.report)), exist_ok=True)
         with open(FLAGS.report, "w") as f:
             f.write(table)
@@ -805,12 +797,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("height", 360, "Input height of the exported model.")
     flags.DEFINE_integer("width", 480, "Input width of the exported model.")
     flags.DEFINE_string("dataset_dir", "", "CamVid folder for calibration and verification (default: found).")
-    flags.DEFINE_enum(
-        "depthwise_impl",
-        "auto",
-        ["auto", "shifted", "lax"],
-        "Depthwise convolution form; auto: lax for TFLite/ONNX, the exporting backend's choice otherwise.",
-    )
     flags.DEFINE_integer("num_verify", 8, "CamVid val images each export is verified on.")
     flags.DEFINE_integer("num_calibration", 64, "CamVid train images calibrating int8 quantisation.")
     flags.DEFINE_string("report", "", "Also measure CPU latency and write a Markdown table here.")

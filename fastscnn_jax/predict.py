@@ -7,23 +7,22 @@ For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color
 `<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png` once.
 Any size and mode is accepted (RGB, RGBA, grayscale, palette, 16-bit, JPEG with EXIF orientation); files that
 are not images are skipped with a message and the rest are still processed. Files are identified by their
-content, not their extension, and only common raster formats are decoded (`camvid.IMAGE_FORMATS`); an image of
-more than PIL's `Image.MAX_IMAGE_PIXELS` pixels (89.5 million) is skipped before it is decoded.
+content, not their extension, and only common raster formats are decoded (`images.IMAGE_FORMATS`); an image of
+more than PIL's `Image.MAX_IMAGE_PIXELS` pixels (89.5 million) is skipped before it is decoded. Runs without
+TensorFlow.
 """
 
 import glob
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from fastscnn_jax import camvid, checkpointing, cli
-
-DEFAULT_WEIGHTS = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "weights", "fastscnn_camvid.msgpack"
-)
+from fastscnn_jax import checkpointing, classes, cli, images
 
 FLAGS = flags.FLAGS
 
@@ -48,11 +47,11 @@ def load_rgb(path: str) -> np.ndarray:
     16-bit and 32-bit grayscale are scaled to 8 bits by their type's range; alpha is dropped.
 
     Raises:
-      PIL.UnidentifiedImageError: not an image of `camvid.IMAGE_FORMATS` (whatever the extension says).
+      PIL.UnidentifiedImageError: not an image of `images.IMAGE_FORMATS` (whatever the extension says).
       PIL.Image.DecompressionBombError: more than `Image.MAX_IMAGE_PIXELS` pixels; nothing is decoded.
       OSError: unreadable, truncated or corrupt file.
     """
-    with camvid.open_image(path) as image:
+    with images.open_image(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, np.float64)
@@ -64,7 +63,7 @@ def load_rgb(path: str) -> np.ndarray:
 
 def colorize(mask: np.ndarray) -> np.ndarray:
     """CamVid palette colours [H, W, 3] of a class-index mask."""
-    return camvid.PALETTE[np.minimum(mask, len(camvid.PALETTE) - 1)]
+    return classes.PALETTE[np.minimum(mask, len(classes.PALETTE) - 1)]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
@@ -80,10 +79,10 @@ def legend(num_classes: int) -> Image.Image:
     row = 22
     image = Image.new("RGB", (190, row * num_classes + 8), "white")
     draw = ImageDraw.Draw(image)
-    for i, name in enumerate(camvid.CLASS_NAMES[:num_classes]):
+    for i, name in enumerate(classes.CLASS_NAMES[:num_classes]):
         y = 4 + i * row
         draw.rectangle(
-            [6, y, 36, y + row - 6], fill=tuple(int(c) for c in camvid.PALETTE[i]), outline="black"
+            [6, y, 36, y + row - 6], fill=tuple(int(c) for c in classes.PALETTE[i]), outline="black"
         )
         draw.text((46, y + 2), f"{i:2d} {name}", fill="black")
     return image
@@ -92,28 +91,15 @@ def legend(num_classes: int) -> Image.Image:
 class Segmenter:
     """A model and its variables, with a jit-compiled image -> class-mask function."""
 
-    def __init__(self, checkpoint: str):
-        """Loads the weights and builds the model they were trained as."""
-        import jax
-        import jax.numpy as jnp
-
-        from fastscnn_jax import models
-
-        self.variables, meta = checkpointing.load_variables(checkpoint)
-        settings = meta.get("model")
-        if not settings:
-            raise ValueError(f"{checkpoint} has no model settings in its metadata; cannot build the model")
-        self.num_classes = settings["num_classes"]
-        model = models.FastSCNN(
-            num_classes=self.num_classes,
-            width=settings["width"],
-            torch_compat=settings.get("torch_compat", False),
-        )
-        # Classes-first logits: the same argmax, 10-15% faster on XLA:CPU (see `train.eval_step`).
+    def __init__(self, checkpoint: str, layer: str = "auto"):
+        """Loads the weights and builds the model they were trained as (`checkpointing.load_model`), with
+        `layer`'s forms ('auto': the CPU layer on a CPU)."""
+        model, self.variables, _ = checkpointing.load_model(checkpoint, layer)
+        self.num_classes = model.num_classes
         self._classes = jax.jit(
-            lambda variables, images: jnp.argmax(
-                model.apply(variables, images, train=False, channels_first=True), 1
-            ).astype(jnp.uint8)
+            lambda variables, batch: jnp.argmax(model.apply(variables, batch, train=False), -1).astype(
+                jnp.uint8
+            )
         )
 
     def __call__(self, image: np.ndarray, max_side: int) -> np.ndarray:
@@ -187,8 +173,11 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     if not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
-    cli.inline_cpu_dispatch()  # before JAX's CPU backend starts
-    skipped = predict_files(paths, FLAGS.output, Segmenter(FLAGS.checkpoint), FLAGS.max_side, FLAGS.alpha)
+    try:
+        segmenter = Segmenter(FLAGS.checkpoint)
+    except ValueError as e:  # not a weights file, or one without model settings: the message names it
+        sys.exit(f"error: {e}")
+    skipped = predict_files(paths, FLAGS.output, segmenter, FLAGS.max_side, FLAGS.alpha)
     print(f"{len(paths) - len(skipped)} image(s) segmented into {FLAGS.output}, {len(skipped)} skipped")
     if len(skipped) == len(paths):
         sys.exit(1)
@@ -208,6 +197,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    cli.restart_with_malloc_tunables()  # before JAX starts: see cli.MALLOC_TUNABLES
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

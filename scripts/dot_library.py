@@ -8,9 +8,8 @@ The same lowered program is compiled twice in one process, once with the default
 Eigen), and the two executables are timed in alternating blocks (8 inference calls, or 3 train steps, each),
 so that the VM's slow and fast phases fall on both alike. Prints each one's median, 10th and 90th percentile
 and the largest difference between their outputs. Which library is faster depends on the CPU
-(benchmarks/README.md); `fastscnn_jax.autotune` makes that choice by timing. Its results in
-benchmarks/README.md were run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (the entry points now add more:
-`fastscnn_jax/cli.py`).
+(benchmarks/README.md); `fastscnn_jax.autotune` makes that choice by timing. The model is built with the
+config's `cpu_layer`, as the benchmark builds it.
 """
 
 import functools

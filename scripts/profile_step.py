@@ -24,10 +24,7 @@ import jax
 import numpy as np
 
 from configs import camvid
-from fastscnn_jax import autotune, benchmark, cli
-
-cli.restart_with_malloc_tunables()  # as the entry points run (this re-runs the script once)
-cli.inline_cpu_dispatch()
+from fastscnn_jax import autotune, benchmark
 
 cfg = camvid.get_config()
 mode = sys.argv[1] if len(sys.argv) > 1 else "train"

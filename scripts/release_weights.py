@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastscnn_jax import camvid, checkpointing, cli, evaluate, predict, train  # noqa: E402
+from fastscnn_jax import camvid, checkpointing, cli, evaluate, predict, steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's configuration file.", lock_config=True)
@@ -106,7 +106,7 @@ def main(argv):
     walls = [w for values in scalars.values() for _, _, w in values]
     meta.update(
         config=os.path.basename(FLAGS["config"].config_filename),
-        model=train.model_signature(config),
+        model=steps.model_signature(config),
         train_minutes=round((max(walls) - min(walls)) / 60, 1),
         trained_on="CamVid (SegNet split) train only, 367 images",
     )

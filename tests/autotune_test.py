@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from fastscnn_jax import autotune, train
+from fastscnn_jax import autotune, steps
 
 
 def test_eigen_option_takes_the_dots_from_ynnpack():
@@ -27,9 +27,9 @@ def test_eigen_option_takes_the_dots_from_ynnpack():
 def model_and_inputs():
     """The tiny model's inference function, its initial variables and a batch of two images."""
     config = tiny.get_config()
-    model = train.create_model(config)
+    model = steps.create_model(config)
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)), jnp.float32)
-    variables = train.init_variables(model, jax.random.key(0), images, train=False)
+    variables = steps.init_variables(model, jax.random.key(0), images, train=False)
     return (lambda v, x: model.apply(v, x, train=False)), variables, images
 
 

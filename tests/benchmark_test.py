@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastscnn_jax import benchmark, cli
+from fastscnn_jax import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -24,7 +24,7 @@ REQUIRED_KEYS = {
     "median_ms",
     "p90_ms",
     "items_per_s",
-    "depthwise_impl",
+    "layer",
 }
 
 
@@ -58,7 +58,7 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     model_rows = [r for r in rows if r["mode"] != "input_pipeline"]
     assert {(r["height"], r["width"]) for r in model_rows} == {(64, 96)}
     assert {r["batch"] for r in rows if r["mode"] == "train"} == {2}
-    assert all(r["depthwise_impl"] == "shifted" for r in model_rows)  # 'auto' on CPU
+    assert all(r["layer"] == "cpu" for r in model_rows)  # tiny.py's cpu_layer 'auto', on a CPU
     # --dot_library=auto: the faster of the two for inference, timed at its first call; none for training
     assert all(r["dot_library"] in ("ynnpack", "eigen") for r in model_rows if r["mode"] == "inference")
     assert not any("dot_library" in r for r in model_rows if r["mode"] == "train")
@@ -67,16 +67,14 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
         assert row["median_ms"] == pytest.approx(float(np.median(row["times_ms"])), abs=1e-3)
     pipeline = next(r for r in rows if r["mode"] == "input_pipeline")
     assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (64, 96, 4)  # tiny crop and batch
+    assert pipeline["layer"] is None
     assert not any("ratio_vs_torch" in r for r in rows)  # no torch rows to compare with
     machine = report["machine"]
     assert machine["platform"] == "cpu" and machine["devices"] and machine["cpu_count"] >= 1
     assert {"jax", "jaxlib", "flax", "numpy"} <= set(machine["versions"])
     assert machine["processor"] and set(machine["cpu_features"] or []) <= set(benchmark.CPU_FEATURES)
-    # The process restarted with the malloc tunables where glibc has them; with them, JAX ran inline.
-    tunables = machine["glibc_tunables"] or ""
-    if cli.malloc_tunables_supported() and not cli.malloc_tunables_off():
-        assert "glibc.malloc.mmap_max=0" in tunables
-    assert machine["jax_cpu_async_dispatch"] == ("glibc.malloc.mmap_max=0" not in tunables)
+    # The user's malloc settings, as the process had them (it no longer changes them itself).
+    assert machine["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES")
 
 
 def test_cpu_info_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
@@ -109,14 +107,14 @@ def test_table_names_each_mode(tiny_run):
 
 def test_bfloat16_rows_say_bfloat16(tmp_path):
     """`--dtype=bfloat16` benchmarks the bfloat16 compute dtype and labels its rows so; a pinned
-    `--dot_library` is the one the rows used."""
+    `--dot_library` is the one the rows used, and `--cpu_layer=off` the plain core."""
     output = tmp_path / "bf16.json"
-    flags = ["--dtype=bfloat16", "--modes=inference", "--dot_library=eigen", f"--output={output}"]
-    result = _run(*TINY_FLAGS, *flags)
+    flags = ["--dtype=bfloat16", "--modes=inference", "--dot_library=eigen", "--cpu_layer=off"]
+    result = _run(*TINY_FLAGS, *flags, f"--output={output}")
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(output.read_text())["rows"]
     assert rows and all(r["dtype"] == "bfloat16" and r["mode"] == "inference" for r in rows)
-    assert all(r["dot_library"] == "eigen" for r in rows)
+    assert all(r["dot_library"] == "eigen" and r["layer"] == "core" for r in rows)
 
 
 def test_compare_torch_without_torch_names_the_install_command(tmp_path):
@@ -196,22 +194,23 @@ def test_rounds_alternate_between_the_frameworks_and_pool_their_calls():
         benchmark.run_benchmark(None, sizes=[], batches=[], train_batch=1, warmup=0, iters=1, rounds=0)
 
 
-def test_timed_inference_returns_the_models_logits_classes_first():
-    """The JAX inference row times the model's forward pass, logits [B, K, H, W] as PyTorch's peer returns."""
+def test_timed_inference_returns_the_models_logits():
+    """The JAX inference row times the model's forward pass (NHWC logits), built with the config's layer."""
     import functools
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from configs import tiny
-    from fastscnn_jax import train
+    from fastscnn_jax import steps
 
     config = tiny.get_config()
     runner = benchmark.JaxRunner(config)
+    layer = steps.select_layer(config.cpu_layer)
+    assert runner.layer is layer
     images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)), jnp.float32)
     timed = runner.infer(runner.variables, images)
-    apply = jax.jit(functools.partial(train.create_model(config).apply, train=False))
+    apply = jax.jit(functools.partial(steps.create_model(config, layer).apply, train=False))
     logits = apply(runner.variables, images)
-    assert timed.shape == (2, config.num_classes, 64, 96)
-    np.testing.assert_allclose(timed, jnp.transpose(logits, (0, 3, 1, 2)), rtol=1e-5, atol=1e-5)
+    assert timed.shape == (2, 64, 96, config.num_classes)
+    np.testing.assert_allclose(timed, logits, rtol=1e-5, atol=1e-5)

@@ -16,11 +16,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from fastscnn_jax import checkpointing, convert_torch, models
-from fastscnn_jax.torch_reference import TramacFastSCNN
+torch = pytest.importorskip("torch")  # an optional dependency (the `torch` extra)
+
+import torch.nn.functional as F  # noqa: E402
+
+from fastscnn_jax import checkpointing, convert_torch, models  # noqa: E402
+from fastscnn_jax.torch_reference import TramacFastSCNN  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 11
@@ -109,19 +111,22 @@ def test_cli_import_reproduces_tramac_logits(tramac, saved, converted):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "11 classes" in result.stdout and "torch_compat=True" in result.stdout
 
-    variables, meta = checkpointing.load_variables(str(output))  # what predict and evaluate call
+    model, variables, meta = checkpointing.load_model(str(output))  # what predict and evaluate call
     settings = meta["model"]
     assert settings == {"num_classes": 11, "width": 1.0, "aux_head": True, "torch_compat": True}
+    assert (model.num_classes, model.width, model.aux_head, model.torch_compat) == (11, 1.0, True, True)
     assert meta["converted_from"]["sha256"] == hashlib.sha256(saved.read_bytes()).hexdigest()
     assert set(variables) == {"params", "batch_stats"}
+    # Depthwise kernels as the grouped nn.Conv's: [3, 3, 1, C] from torch's [C, 1, 3, 3].
+    depthwise = variables["params"]["learning_to_downsample"]["DSConv_0"]["ConvBN_0"]["Conv_0"]["kernel"]
+    torch_depthwise = tramac.state_dict()["learning_to_downsample.dsconv1.conv.0.weight"].numpy()
+    assert depthwise.shape == (3, 3, 1, 32) and torch_depthwise.shape == (32, 1, 3, 3)
+    np.testing.assert_array_equal(depthwise, torch_depthwise.transpose(2, 3, 1, 0))
 
     images = np.random.default_rng(0).integers(0, 256, (2, *SIZE, 3), dtype=np.uint8)
     with torch.no_grad():
         reference, _ = tramac(_normalise(images))
     reference = reference.permute(0, 2, 3, 1).numpy()
-    model = models.FastSCNN(
-        settings["num_classes"], width=settings["width"], torch_compat=settings["torch_compat"]
-    )
     logits = np.asarray(jax.jit(model.apply)(variables, images))  # raw uint8 in, as predict feeds it
 
     scale = float(np.abs(reference).max())

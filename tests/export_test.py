@@ -1,7 +1,8 @@
 """Exports of the shipped weights (fastscnn_jax.export): each format round-trips on real CamVid val images.
 
 The command is run once (module fixture) for every format at 96x128; each test then loads its file with the
-format's own runtime and compares it with the JAX model, built here as `predict.Segmenter` builds it.
+format's own runtime and compares it with the JAX model, loaded here as `predict.Segmenter` loads it
+(`checkpointing.load_model`, this backend's layer); the files are exported from the plain core.
 """
 
 import os
@@ -12,8 +13,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from fastscnn_jax import camvid, checkpointing, export, models
+from fastscnn_jax import camvid, checkpointing, export
 
 HEIGHT, WIDTH = 96, 128
 # Val images the command did not verify on (it takes 4 spread from the first to the last).
@@ -59,15 +61,8 @@ def val_images(real_camvid_dir):
 
 @pytest.fixture(scope="module")
 def reference(val_images):
-    """The JAX model's float32 logits of `val_images`, built from the weights' meta like predict.Segmenter."""
-    variables, meta = checkpointing.load_variables(checkpointing.DEFAULT_WEIGHTS)
-    settings = meta["model"]
-    model = models.FastSCNN(
-        num_classes=settings["num_classes"],
-        width=settings["width"],
-        torch_compat=settings.get("torch_compat", False),
-    )
-    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    """The JAX model's float32 logits of `val_images`, loaded as predict.Segmenter loads it."""
+    model, variables, _ = checkpointing.load_model(checkpointing.DEFAULT_WEIGHTS)
     return np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(val_images))
 
 
@@ -134,11 +129,14 @@ def _ops(path):
 
 def test_int8_convolutions_quantised_per_channel(exported):
     """Full-integer int8: every convolution (1x1 ones too: not FULLY_CONNECTED, which is quantised per
-    tensor) is an int8 CONV_2D / DEPTHWISE_CONV_2D with one weight scale per output channel."""
+    tensor; depthwise ones as DEPTHWISE_CONV_2D) is an int8 CONV_2D / DEPTHWISE_CONV_2D with one weight scale
+    per output channel."""
     ops = _ops(exported[0] / export.FILE_NAMES["tflite_int8"])
     convs = [(name, out, ins) for name, out, ins in ops if name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     # Regular convs: stem, 2 DSConv 1x1s, 9 x 2 bottleneck 1x1s, 4 + 1 pyramid pool, 2 fusion, 3 classifier.
     assert sum(name == "CONV_2D" for name, _, _ in convs) == 1 + 2 + 18 + 5 + 2 + 3
+    # Depthwise convs: 2 learning-to-downsample DSConvs, 9 bottlenecks, the fusion, 2 classifier DSConvs.
+    assert sum(name == "DEPTHWISE_CONV_2D" for name, _, _ in convs) == 2 + 9 + 1 + 2
     for name, out, (_, weights, *_) in convs:
         channels = out["shape"][-1]
         assert out["dtype"] == np.int8 and weights["dtype"] == np.int8, (name, out["name"])
@@ -234,7 +232,8 @@ def test_existing_folder_is_kept_and_written_into(tmp_path, val_images, referenc
 def test_equalized_activations_same_logits_equal_ranges(val_images, reference):
     """equalize_activations changes the weights (int8 export), not the function: same logits, and a producer
     feeding a depthwise convolution has every channel's maximum at the largest (or below 1e-3 of it)."""
-    apply, variables, _ = export.build_model(checkpointing.DEFAULT_WEIGHTS, "lax")
+    apply, variables, _ = export.build_model(checkpointing.DEFAULT_WEIGHTS)  # the exported core
+    assert apply.module.conv is nn.Conv
     equalized = export.equalize_activations(apply, variables, val_images)
     block = ("global_feature_extractor", "InvertedResidual_0", "ConvBN_0")
     before, after = (

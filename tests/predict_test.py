@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from PIL import Image
 
-from fastscnn_jax import camvid, checkpointing, models, predict, train
+from fastscnn_jax import checkpointing, classes, cpu, models, predict, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,12 +19,47 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     """A small randomly initialised model saved as a weights file, with its settings in the metadata."""
-    model = models.FastSCNN(num_classes=camvid.NUM_CLASSES, width=0.25)
-    variables = train.init_variables(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    model = models.FastSCNN(num_classes=classes.NUM_CLASSES, width=0.25)
+    variables = steps.init_variables(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     path = tmp_path_factory.mktemp("weights") / "tiny.msgpack"
-    meta = {"model": {"num_classes": camvid.NUM_CLASSES, "width": 0.25, "aux_head": False}}
+    meta = {"model": {"num_classes": classes.NUM_CLASSES, "width": 0.25, "aux_head": False}}
     checkpointing.save_weights_file(str(path), variables, meta)
     return str(path), model, variables
+
+
+def test_load_model_builds_the_network_of_the_metadata(tmp_path):
+    """`checkpointing.load_model` builds the module the metadata describes (auxiliary head and torch_compat
+    included) with the layer asked for, and gives variables that module applies; the same logits whatever
+    the layer. A file without model settings is refused, naming it."""
+    model = models.FastSCNN(num_classes=5, width=0.25, aux_head=True, torch_compat=True)
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (1, 32, 48, 3)), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    variables = steps.init_variables(model, rngs, images, train=True)  # the auxiliary head too
+    assert "aux_head" in variables["params"]
+    settings = {"num_classes": 5, "width": 0.25, "aux_head": True, "torch_compat": True}
+    path = str(tmp_path / "w.msgpack")
+    checkpointing.save_weights_file(path, variables, {"model": settings, "step": 3})
+    logits = {}
+    for layer, conv in (("off", nn.Conv), ("on", cpu.LAYER.conv)):
+        loaded, loaded_variables, meta = checkpointing.load_model(path, layer)
+        assert meta["step"] == 3 and set(loaded_variables) == {"params", "batch_stats"}
+        built = (loaded.num_classes, loaded.width, loaded.aux_head, loaded.torch_compat)
+        assert built == (5, 0.25, True, True)
+        assert loaded.conv == conv
+        logits[layer] = np.asarray(jax.jit(loaded.apply)(loaded_variables, images))
+    scale = float(np.abs(logits["off"]).max())
+    np.testing.assert_allclose(logits["on"], logits["off"], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_array_equal(logits["off"], jax.jit(model.apply)(variables, images))
+    # 'auto' is the CPU layer on a CPU backend, the core elsewhere.
+    auto, _, _ = checkpointing.load_model(path)
+    assert auto.conv == (cpu.LAYER.conv if jax.default_backend() == "cpu" else nn.Conv)
+
+    bare = str(tmp_path / "bare.msgpack")
+    checkpointing.save_weights_file(bare, variables, {"step": 3})
+    with pytest.raises(ValueError, match=f"{bare} has no model settings in its metadata"):
+        checkpointing.load_model(bare)
+    with pytest.raises(ValueError, match="cpu_layer must be one of"):
+        checkpointing.load_model(path, "fast")
 
 
 def _write_images(folder):
@@ -81,12 +117,13 @@ def test_predict_folder_writes_masks_at_input_size_and_skips_non_images(tmp_path
         color = np.asarray(Image.open(tmp_path / "out" / f"{name}_color.png"))
         over = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png"))
         assert mask.shape == size and color.shape == (*size, 3) and over.shape == (*size, 3), name
-        assert mask.max() < camvid.NUM_CLASSES
-        np.testing.assert_array_equal(color, camvid.PALETTE[mask])
-    # The mask is the model's argmax on the decoded image.
+        assert mask.max() < classes.NUM_CLASSES
+        np.testing.assert_array_equal(color, classes.PALETTE[mask])
+    # The mask is the model's argmax on the decoded image (the model as saved, run with the plain core).
     image = predict.load_rgb(str(tmp_path / "in" / "rgb.png"))
     expected = np.argmax(np.asarray(jax.jit(model.apply)(variables, image[None].astype(np.float32))), -1)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rgb_mask.png")), expected)
+    np.testing.assert_array_equal(predict.Segmenter(path, layer="off")(image, max_side=2048), expected)
 
 
 def test_large_images_are_segmented_at_max_side_and_upsampled(tmp_path, weights_file):
@@ -100,7 +137,7 @@ def test_overlay_blends_colours():
     """The overlay is the alpha blend of photo and palette colour."""
     image = np.full((2, 2, 3), 100, np.uint8)
     mask = np.array([[0, 1], [3, 11]], np.uint8)
-    expected = np.round(0.25 * 100 + 0.75 * camvid.PALETTE[mask].astype(np.float64)).astype(np.uint8)
+    expected = np.round(0.25 * 100 + 0.75 * classes.PALETTE[mask].astype(np.float64)).astype(np.uint8)
     np.testing.assert_array_equal(predict.overlay(image, mask, 0.75), expected)
 
 
@@ -162,7 +199,6 @@ def test_24_megapixel_photo_is_segmented_at_max_side_in_bounded_memory(tmp_path,
         with Image.open(tmp_path / "out" / f"big_{kind}.png") as out:
             assert out.size == (6000, 4000), kind
     peak_gib = int(result.stderr.split("peak_rss_kib ")[1].split()[0]) / 2**20
-    # Measured: 1.9 GiB in the development venv, 3.9 GiB in a fresh CI venv (the network at 1365x2048).
     assert peak_gib < 6.0, f"peak resident memory {peak_gib:.2f} GiB"
 
 
