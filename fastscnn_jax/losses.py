@@ -35,9 +35,7 @@ def valid_labels(labels: jax.Array, num_classes: int, ignore_label: int) -> tupl
     return valid, jnp.where(valid, labels, 0)
 
 
-def ohem_mask(
-    true_prob: jax.Array, valid: jax.Array, threshold: float, min_kept: int
-) -> jax.Array:
+def ohem_mask(true_prob: jax.Array, valid: jax.Array, threshold: float, min_kept: int) -> jax.Array:
     """Pixels OHEM keeps: those whose true-class probability is at most `threshold`, and at least the
     `min_kept` hardest valid pixels (the threshold is raised to the `min_kept`-th smallest probability)."""
     threshold = jnp.float32(threshold)

@@ -19,6 +19,7 @@ from fastscnn_jax import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 @pytest.mark.parametrize(
     "key,value,pattern",
     [
