@@ -16,6 +16,12 @@ import tensorflow_datasets as tfds
 from fastscnn_jax import camvid
 
 
+def sequence_of(file_name: str) -> str:
+    """The CamVid sequence a frame belongs to: its file name up to the first '_' ('0006R0_f02310.png' ->
+    '0006R0')."""
+    return file_name.split("_", 1)[0]
+
+
 class InMemorySplit:
     """A split's encoded images and masks, in file order, with its label statistics."""
 
@@ -40,6 +46,21 @@ class InMemorySplit:
     def __len__(self) -> int:
         """Number of examples."""
         return len(self.images)
+
+    def sequences(self) -> list[str]:
+        """The sequences of the split's frames, sorted."""
+        return sorted({sequence_of(name) for name in self.names})
+
+    def without_sequence(self, sequence: str) -> "InMemorySplit":
+        """The split without the frames of `sequence` (which must have some)."""
+        keep = [i for i, name in enumerate(self.names) if sequence_of(name) != sequence]
+        if len(keep) == len(self):
+            raise ValueError(
+                f"no frame of sequence {sequence!r}; the split has {', '.join(self.sequences())}"
+            )
+        return InMemorySplit(
+            [self.images[i] for i in keep], [self.labels[i] for i in keep], [self.names[i] for i in keep]
+        )
 
     def class_pixel_counts(self, num_classes: int) -> np.ndarray:
         """Pixels of each class 0..num_classes-1 over the split (void and other values ignored)."""
@@ -148,15 +169,28 @@ def train_dataset(
 
 
 def eval_batches(
-    builder, split_name: str, batch_size: int, process_index: int = 0, process_count: int = 1
+    builder,
+    split_name: str,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    sequence: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Full-resolution batches of a split, the last padded, with `mask` marking real examples.
+    """Full-resolution batches of a split (only the frames of `sequence`, if given), the last padded, with
+    `mask` marking real examples.
 
     Each process gets every `process_count`-th batch of the global sequence; all processes yield the same
     number of batches (extra ones fully padded), so each example counts exactly once.
     """
     ds = camvid.load_split(builder, split_name)
     num_examples = builder.info.splits[split_name].num_examples
+    if sequence:
+        names = tfds.as_numpy(
+            camvid.load_split(builder, split_name, decode=False).map(lambda ex: ex["file_name"])
+        )
+        num_examples = sum(sequence_of(name.decode()) == sequence for name in names)
+        prefix = tf.constant(f"{sequence}_")
+        ds = ds.filter(lambda ex: tf.strings.substr(ex["file_name"], 0, len(sequence) + 1) == prefix)
     num_batches = -(-num_examples // (batch_size * process_count)) * process_count
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"][..., 0], tf.int32)})
     it = iter(tfds.as_numpy(ds.batch(batch_size).prefetch(2)))

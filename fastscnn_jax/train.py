@@ -24,9 +24,9 @@ from fastscnn_jax import camvid, checkpointing, input_pipeline, losses, metrics,
 
 
 def evaluate(
-    eval_step_fn, variables: dict, builder, split: str, config, mesh: Mesh
+    eval_step_fn, variables: dict, builder, split: str, config, mesh: Mesh, sequence: str = ""
 ) -> tuple[dict, np.ndarray]:
-    """Scores of `variables` on a whole split at full resolution.
+    """Scores of `variables` on a whole split (only the frames of `sequence`, if given) at full resolution.
 
     Returns:
       (scores dict as `metrics.segmentation_scores` gives it, confusion matrix).
@@ -34,7 +34,7 @@ def evaluate(
     local_batch = config.eval_batch_size // jax.process_count()
     total = None
     for batch in input_pipeline.eval_batches(
-        builder, split, local_batch, jax.process_index(), jax.process_count()
+        builder, split, local_batch, jax.process_index(), jax.process_count(), sequence
     ):
         step_metrics = eval_step_fn(variables, steps.shard_batch(batch, mesh))
         total = step_metrics if total is None else total.merge(step_metrics)
@@ -113,10 +113,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Args:
       config: hyperparameters (see configs/camvid.py).
-      workdir: checkpoints, TensorBoard events and `eval_<split>.json` go here.
+      workdir: checkpoints, TensorBoard events and `eval_<name>.json` (the scores at the best step: `val`,
+        and the held-out sequence's when `config.holdout_sequence` is set) go here.
 
     Returns:
-      scores of the best evaluation (`metrics.segmentation_scores` plus `step`).
+      scores of the best evaluation of the held-out sequence if any, else of `config.eval_split`
+      (`metrics.segmentation_scores` plus `step`).
     """
     steps.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -132,6 +134,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
     train_split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
+    # sequence with train and flatters the model; a whole train sequence held out of training measures what
+    # the test split (other streets) measures, so when there is one it selects, and val is reported beside it.
+    targets = [(config.eval_split, config.eval_split, "")]
+    if config.holdout_sequence:
+        try:
+            train_split = train_split.without_sequence(config.holdout_sequence)
+        except ValueError as e:
+            raise steps.ConfigError(f"config.holdout_sequence={config.holdout_sequence!r}: {e}") from None
+        targets.insert(0, (config.holdout_sequence, "train", config.holdout_sequence))
     steps_per_epoch = max(len(train_split) // config.batch_size, 1)
     num_train_steps = (
         config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
@@ -218,37 +230,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             stop = False
             if step % config.eval_every_steps == 0 or is_last:
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                results = {}
                 with report_progress.timed("eval"):
-                    variables = {"params": state.params, "batch_stats": state.batch_stats}
-                    scores, matrix = evaluate(
-                        p_eval_step, variables, builder, config.eval_split, config, mesh
+                    for name, split, sequence in targets:
+                        results[name] = evaluate(
+                            p_eval_step, variables, builder, split, config, mesh, sequence
+                        )
+                for name, (scores, _) in results.items():
+                    writer.write_scalars(
+                        step,
+                        {
+                            f"{name}_miou": scores["miou"],
+                            f"{name}_pixel_accuracy": scores["pixel_accuracy"],
+                            f"{name}_mean_dice": scores["mean_dice"],
+                            **{f"{name}_iou/{k}": v for k, v in scores["per_class_iou"].items()},
+                        },
                     )
-                split = config.eval_split
-                writer.write_scalars(
-                    step,
-                    {
-                        f"{split}_miou": scores["miou"],
-                        f"{split}_pixel_accuracy": scores["pixel_accuracy"],
-                        f"{split}_mean_dice": scores["mean_dice"],
-                        **{f"{split}_iou/{k}": v for k, v in scores["per_class_iou"].items()},
-                    },
-                )
-                logging.info("Step %d %s:\n%s", step, split, metrics.format_table(scores))
+                    logging.info("Step %d %s:\n%s", step, name, metrics.format_table(scores))
+                selected = targets[0][0]
+                scores = results[selected][0]
                 if scores["miou"] > meta["best_miou"]:
                     meta.update(best_miou=scores["miou"], evals_since_best=0)
                     best_scores = {"step": step, **scores}
                     checkpoints.save_best(step, variables, {**meta, "step": step, "scores": best_scores})
                     if is_chief:
-                        _write_json(
-                            os.path.join(workdir, f"eval_{split}.json"),
-                            {**best_scores, "confusion_matrix": np.asarray(matrix).astype(int).tolist()},
-                        )
+                        for name, (scores, matrix) in results.items():
+                            _write_json(
+                                os.path.join(workdir, f"eval_{name}.json"),
+                                {
+                                    "step": step,
+                                    **scores,
+                                    "confusion_matrix": np.asarray(matrix).astype(int).tolist(),
+                                },
+                            )
                 else:
                     meta["evals_since_best"] += 1
                 patience = config.early_stopping_patience
                 if patience > 0 and meta["evals_since_best"] >= patience:
                     logging.info(
-                        "Early stopping at step %d: no %s mIoU gain in %d evaluations.", step, split, patience
+                        "Early stopping at step %d: no %s mIoU gain in %d evaluations.",
+                        step,
+                        selected,
+                        patience,
                     )
                     stop = True
 
@@ -268,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     writer.flush()
     checkpoints.close()
-    if best_scores is None and os.path.exists(os.path.join(workdir, f"eval_{config.eval_split}.json")):
-        with open(os.path.join(workdir, f"eval_{config.eval_split}.json")) as f:
+    best_json = os.path.join(workdir, f"eval_{targets[0][0]}.json")
+    if best_scores is None and os.path.exists(best_json):
+        with open(best_json) as f:
             best_scores = json.load(f)
     return best_scores

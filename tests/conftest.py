@@ -52,6 +52,7 @@ def make_fake_camvid(
     size: tuple[int, int] = (24, 32),
     seed: int = 0,
     with_list_files: bool = True,
+    sequences: tuple[str, ...] = ("0001TP",),
 ) -> pathlib.Path:
     """Writes a small synthetic CamVid folder like the SegNet one.
 
@@ -62,6 +63,7 @@ def make_fake_camvid(
       size: (height, width) of every image.
       seed: seed of the random RGB images.
       with_list_files: write `<split>.txt` with the SegNet `/SegNet/CamVid/` prefix.
+      sequences: the frames' sequences (file-name prefixes), in turn.
 
     Returns:
       `root` as a Path.
@@ -76,7 +78,7 @@ def make_fake_camvid(
         lines = []
         # Reverse order, so list-file order differs from sorted file-name order.
         for i in reversed(range(n)):
-            name = f"0001TP_{split}{i:04d}.png"
+            name = f"{sequences[i % len(sequences)]}_{split}{i:04d}.png"
             image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             # 4x4 blocks shifted per example: all 12 values (void included), misalignment shows.
             mask = ((rows // 4) + 3 * (cols // 4) + i) % (camvid.IGNORE_LABEL + 1)

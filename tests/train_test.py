@@ -1,16 +1,22 @@
 """Tests of the training loop (fastscnn_jax.train): early stopping, divergence, and the command's checks
 before any data is read."""
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from fastscnn_jax import checkpointing, steps, train
+from tests.conftest import make_fake_camvid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_batch_size_not_divisible_by_the_devices_is_named(tmp_path):
     """On 4 (fake CPU) devices, `--config.batch_size=6` stops the command before any data is read, naming
@@ -39,12 +45,11 @@ def test_batch_size_not_divisible_by_the_devices_is_named(tmp_path):
     assert "config.batch_size=6 must be a positive multiple of the number of devices (4)" in result.stderr
 
 
-def _fake_run_config(tmp_path):
+def _fake_run_config(tmp_path, sequences=("0001TP",)):
     """Tiny config training on a synthetic CamVid folder, evaluating and checkpointing every step."""
-    from tests.conftest import make_fake_camvid
-
     config = tiny.get_config()
-    config.dataset_dir = str(make_fake_camvid(tmp_path / "camvid", n=4, size=(32, 48)))
+    camvid_dir = make_fake_camvid(tmp_path / "camvid", n=4, size=(32, 48), sequences=sequences)
+    config.dataset_dir = str(camvid_dir)
     config.tfds_data_dir = str(tmp_path / "tfds")
     config.crop_size = (32, 48)
     config.batch_size = 2
@@ -76,3 +81,30 @@ def test_early_stopping_and_divergence(tmp_path):
     for step_dir in saved:
         variables, _ = checkpointing.load_variables(str(step_dir))
         assert bool(steps.all_finite(variables["params"])), f"non-finite checkpoint {step_dir}"
+
+
+def test_held_out_sequence_is_left_out_of_training_and_evaluated_beside_val(tmp_path):
+    """With `holdout_sequence`, that sequence's train frames are evaluated (and select the best step) beside
+    val; a sequence the train split lacks is refused, naming the key and the sequences there are."""
+    config = _fake_run_config(tmp_path, sequences=("0001TP", "0006R0"))
+    config.holdout_sequence = "0006R0"
+    config.num_train_steps = 2
+    config.eval_every_steps = 2
+    config.batch_size = 1  # two training frames are left
+    config.eval_batch_size = 1
+    workdir = tmp_path / "held_out"
+    best = train.train_and_evaluate(config, str(workdir))
+    held_out = json.loads((workdir / "eval_0006R0.json").read_text())
+    val = json.loads((workdir / "eval_val.json").read_text())
+    assert best["miou"] == held_out["miou"] and best["step"] == held_out["step"] == 2
+    # The two 0006R0 frames (train0001, train0003) and nothing else were scored: every non-void pixel once.
+    held_out_masks = [
+        np.asarray(Image.open(pathlib.Path(config.dataset_dir) / "trainannot" / n))
+        for n in ("0006R0_train0001.png", "0006R0_train0003.png")
+    ]
+    assert np.sum(held_out["confusion_matrix"]) == sum(int((m != 11).sum()) for m in held_out_masks)
+    assert np.sum(val["confusion_matrix"]) > 0
+
+    config.holdout_sequence = "0016E5"
+    with pytest.raises(steps.ConfigError, match=r"config.holdout_sequence='0016E5'.*0001TP, 0006R0"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
