@@ -3,12 +3,14 @@ r"""Evaluates a checkpoint on a CamVid split at full resolution.
   python -m fastscnn_jax.evaluate                      # the shipped weights, on val
   python -m fastscnn_jax.evaluate --config=configs/camvid.py --workdir=runs/camvid --split=val
   python -m fastscnn_jax.evaluate --checkpoint=PATH --split=test --output=x.json
+  python -m fastscnn_jax.evaluate --workdir=runs/held_out --split=train --sequence=0006R0
 
 Writes `WORKDIR/eval_<split>.json` (or `--output`; `eval_<split>.json` in the current folder for the
 shipped weights) with `miou`, `pixel_accuracy`, `mean_dice`, `per_class_iou` and the confusion matrix, a
 row-normalised confusion-matrix plot beside it (`.png`), and prints a per-class table. The dataset is found
 through the config's `dataset_dir`, as for training, so a full copy with a test split evaluates with
-`--split=test`.
+`--split=test`. `--sequence` scores only the frames of one sequence of the split, e.g. one held out of
+training with `config.holdout_sequence`; the report is then `eval_<sequence>.json`.
 """
 
 import json
@@ -25,7 +27,7 @@ from fastscnn_jax import camvid, checkpointing, cli, metrics, steps, train
 FLAGS = flags.FLAGS
 
 
-def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
+def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "") -> dict:
     """Scores of a checkpoint on a split.
 
     The checkpoint fixes the network (`checkpointing.load_model`: e.g. imported PyTorch weights are built
@@ -36,6 +38,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
       config: the configuration.
       checkpoint: a weights file, workdir or checkpoint step folder.
       split: the split to evaluate.
+      sequence: if given, only the frames of this sequence of the split.
 
     Returns:
       `metrics.segmentation_scores` plus `split`, `checkpoint` and `confusion_matrix`.
@@ -46,10 +49,11 @@ def evaluate_checkpoint(config, checkpoint: str, split: str) -> dict:
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
     mesh = steps.create_mesh()
     eval_step = steps.make_eval_step(model, config, mesh)
-    scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh)
+    scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh, sequence)
     return {
         **scores,
         "split": split,
+        **({"sequence": sequence} if sequence else {}),
         "checkpoint": os.path.abspath(checkpoint),
         "confusion_matrix": matrix.astype(int).tolist(),
     }
@@ -99,15 +103,16 @@ def main(argv):
     checkpoint = FLAGS.checkpoint or FLAGS.workdir or checkpointing.DEFAULT_WEIGHTS
     if not os.path.exists(checkpoint):
         raise app.UsageError(f"checkpoint {checkpoint} does not exist")
-    output = FLAGS.output or os.path.join(FLAGS.workdir or ".", f"eval_{FLAGS.split}.json")
-    result = evaluate_checkpoint(FLAGS.config, checkpoint, FLAGS.split)
+    name = FLAGS.sequence or FLAGS.split
+    output = FLAGS.output or os.path.join(FLAGS.workdir or ".", f"eval_{name}.json")
+    result = evaluate_checkpoint(FLAGS.config, checkpoint, FLAGS.split, FLAGS.sequence)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     plot = os.path.splitext(output)[0] + ".png"
-    title = f"{FLAGS.split}: mIoU {result['miou']:.4f} (rows normalised)"
+    title = f"{name}: mIoU {result['miou']:.4f} (rows normalised)"
     plot_confusion(result["confusion_matrix"], camvid.CLASS_NAMES[: FLAGS.config.num_classes], plot, title)
-    print(f"{FLAGS.split} ({checkpoint}):\n{metrics.format_table(result)}\nwrote {output} and {plot}")
+    print(f"{name} ({checkpoint}):\n{metrics.format_table(result)}\nwrote {output} and {plot}")
 
 
 def define_flags() -> None:
@@ -123,7 +128,10 @@ def define_flags() -> None:
         "Weights file, workdir or checkpoint step folder; overrides --workdir. Default: the shipped weights.",
     )
     flags.DEFINE_string("split", "val", "Split to evaluate: train, val or test.")
-    flags.DEFINE_string("output", None, "JSON output path; default WORKDIR/eval_<split>.json.")
+    flags.DEFINE_string(
+        "sequence", "", "Only this sequence's frames of the split (e.g. train's 0006R0 when held out)."
+    )
+    flags.DEFINE_string("output", None, "JSON output path; default WORKDIR/eval_<split or sequence>.json.")
 
 
 if __name__ == "__main__":

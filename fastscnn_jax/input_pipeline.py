@@ -189,6 +189,8 @@ def eval_batches(
             camvid.load_split(builder, split_name, decode=False).map(lambda ex: ex["file_name"])
         )
         num_examples = sum(sequence_of(name.decode()) == sequence for name in names)
+        if not num_examples:
+            raise camvid.DatasetError(f'sequence "{sequence}" has no frames in split "{split_name}"')
         prefix = tf.constant(f"{sequence}_")
         ds = ds.filter(lambda ex: tf.strings.substr(ex["file_name"], 0, len(sequence) + 1) == prefix)
     num_batches = -(-num_examples // (batch_size * process_count)) * process_count

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from fastscnn_jax import camvid, checkpointing, evaluate
@@ -171,6 +172,22 @@ def test_evaluate_missing_split_names_it(trained, real_camvid_dir, real_tfds_dir
     config.tfds_data_dir = str(real_tfds_dir)
     with pytest.raises(camvid.DatasetError, match='split "test"'):
         evaluate.evaluate_checkpoint(config, str(trained[0]), "test")
+
+
+def test_evaluate_one_sequence_scores_exactly_its_frames(trained, real_camvid_dir, real_tfds_dir):
+    """`--sequence` (here 0006R0 of train, the sequence to hold out) scores every non-void pixel of that
+    sequence's frames once and nothing else; a sequence the split lacks is a DatasetError naming it."""
+    config = tiny.get_config()
+    config.dataset_dir = str(real_camvid_dir)
+    config.tfds_data_dir = str(real_tfds_dir)
+    result = evaluate.evaluate_checkpoint(config, str(trained[0]), "train", "0006R0")
+    masks = sorted((real_camvid_dir / "trainannot").glob("0006R0_*.png"))
+    assert len(masks) == 101
+    non_void = sum(int((np.asarray(Image.open(m)) != camvid.IGNORE_LABEL).sum()) for m in masks)
+    assert np.asarray(result["confusion_matrix"]).sum() == non_void
+    assert result["sequence"] == "0006R0"
+    with pytest.raises(camvid.DatasetError, match='sequence "0006R0" has no frames in split "val"'):
+        evaluate.evaluate_checkpoint(config, str(trained[0]), "val", "0006R0")
 
 
 def test_incompatible_workdir_is_a_clear_error(trained, data_flags):
