@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# Huge pages for the tests' own XLA:CPU buffers too (fastscnn_jax/cli.py: the entry points restart with it).
+# Transparent huge pages for XLA:CPU's large buffers, in the tests and the programs they start: the same
+# results, less time faulting in fresh pages (benchmarks/README.md); glibc ignores it where unsupported.
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 # Two workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
 # most tests wait on one single-threaded XLA compile at a time, so two take about 80% of the time one does
