@@ -24,7 +24,20 @@ The model rows run the layer `--cpu_layer` (default the config's `cpu_layer`) se
 `--modes=inference,train`) the benchmark runs where TensorFlow is not installed.
 
 `--compare-torch` adds rows of a plain PyTorch Fast-SCNN of the same architecture (`torch_reference`), with
-as many threads as XLA uses, and the JAX/PyTorch throughput ratio. See benchmarks/README.md.
+as many threads as XLA uses, and the JAX/PyTorch throughput ratio. See benchmarks/README.md. By default that
+is one eager NCHW model computing in the JAX rows' dtype; `--torch-modes` and `--torch-dtypes` (either implies
+`--compare-torch`) time others, a row for each mode and dtype:
+
+  eager           NCHW tensors, eager execution.
+  channels_last   NHWC memory (`torch.channels_last`), which cuDNN's and oneDNN's fast convolutions take.
+  compile         channels_last under `torch.compile` (static shapes: one compilation per input shape and
+                  train/eval mode, its time in the row's `compile_s`).
+  float32 / bfloat16  the dtype, bfloat16 as autocast (parameters stay float32, as in the Flax model).
+
+A PyTorch row that fails (torch.compile without a C++ compiler, say) carries the `error` instead of timings,
+and the rest still run. JAX rows get `ratio_vs_torch` against the fastest PyTorch row of the same shape and
+dtype (`ratio_vs_torch_mode` names its mode); each PyTorch row gets `jax_over_torch`, JAX's throughput over
+its own.
 """
 
 import contextlib
@@ -50,6 +63,8 @@ from fastscnn_jax import autotune, cli, steps
 FLAGS = flags.FLAGS
 
 MODES = ("inference", "train", "input_pipeline")
+TORCH_MODES = ("eager", "channels_last", "compile")
+DTYPES = ("float32", "bfloat16")
 TORCH_INSTALL_HINT = "pip install torch==2.13.0"
 
 
@@ -206,12 +221,44 @@ def _row(framework, mode, shape, dtype, compile_s, times, peak, **extra) -> dict
     }
 
 
-def _random_batch(rng, batch: int, size: tuple[int, int], num_classes: int, ignore_label: int) -> dict:
+def error_row(framework, mode, shape, dtype, error: str, **extra) -> dict:
+    """A row for a measurement that failed: the keys of `_row`, no timings, and the `error`."""
+    return {
+        "framework": framework,
+        "mode": mode,
+        "height": shape[1],
+        "width": shape[2],
+        "batch": shape[0],
+        "dtype": dtype,
+        "compile_s": None,
+        "median_ms": None,
+        "p90_ms": None,
+        "items_per_s": None,
+        "peak_memory_bytes": None,
+        "peak_memory_source": None,
+        "rounds": 1,
+        "times_ms": [],
+        "error": error,
+        **extra,
+    }
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a row's `error`: the exception's type and the first line of its message, shortened."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def random_batch(rng, batch: int, size: tuple[int, int], num_classes: int, ignore_label: int) -> dict:
     """Random 0..255 NHWC images and labels with about 10% void pixels, as numpy arrays."""
     image = rng.uniform(0, 255, (batch, *size, 3)).astype(np.float32)
     label = rng.integers(0, num_classes, (batch, *size)).astype(np.int32)
     label[rng.random((batch, *size)) < 0.1] = ignore_label
     return {"image": image, "label": label}
+
+
+_random_batch = random_batch  # the name scripts/dot_library.py and scripts/profile_step.py use
 
 
 class JaxRunner:
@@ -312,26 +359,39 @@ def import_torch():
 
 
 class TorchRunner:
-    """`torch_reference.FastSCNN` timed like the JAX model, on the GPU when JAX uses one, else the CPU."""
+    """`torch_reference.FastSCNN` timed like the JAX model, on the GPU when JAX uses one, else the CPU.
 
-    def __init__(self, config, jax_num_params: int):
+    `mode` is one of TORCH_MODES and `dtype` one of DTYPES (default the config's `model.dtype`), as the module
+    docstring describes. A row that raises (or every row, when `torch.compile` itself fails) is an
+    `error_row` naming the error, so that one failing mode does not end the benchmark.
+    """
+
+    def __init__(self, config, jax_num_params: int, mode: str = "eager", dtype: str | None = None):
         """Builds model and optimizer; asserts the parameter count equals the JAX model's (aux excluded)."""
         torch = import_torch()
 
         from fastscnn_jax import torch_reference  # imports torch
 
+        if mode not in TORCH_MODES:
+            raise ValueError(f"PyTorch mode must be one of {', '.join(TORCH_MODES)}, got {mode!r}")
         self.torch = torch
         self.config = config
+        self.mode = mode
+        self.dtype_name = dtype or config.model.dtype
+        if self.dtype_name not in DTYPES:
+            raise ValueError(f"PyTorch dtype must be one of {', '.join(DTYPES)}, got {self.dtype_name!r}")
         self.threads = cpu_threads()
         torch.set_num_threads(self.threads)
         use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         if use_cuda:
             torch.backends.cudnn.benchmark = True  # autotuned kernels, as XLA autotunes its convolutions
-        self.dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else None
+        self.dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else None
         self.model = torch_reference.FastSCNN(
             config.num_classes, config.model.width, config.model.dropout_rate, config.model.aux_head
         ).to(self.device)
+        self.memory_format = torch.contiguous_format if mode == "eager" else torch.channels_last
+        self.model = self.model.to(memory_format=self.memory_format)
         torch_params = torch_reference.count_parameters(self.model)
         assert torch_params == jax_num_params, (
             f"PyTorch reference has {torch_params} parameters, the JAX model {jax_num_params}: "
@@ -352,6 +412,17 @@ class TorchRunner:
             weight=torch.ones(config.num_classes, device=self.device) if weighted else None,
             ignore_index=config.ignore_label,
         )
+        # What runs the network; `self.model` stays the module whose train/eval mode and parameters it uses.
+        self.forward = self.model
+        self.error = None
+        if mode == "compile":
+            try:  # compilation itself happens at each first call (per shape and mode), inside a row
+                # Every runner's model shares one `forward`, compiled once per shape, train/eval mode and
+                # dtype: more than dynamo's default limit of 8, past which it would silently run eagerly.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                self.forward = torch.compile(self.model, dynamic=False)
+            except Exception as e:  # unsupported Python or platform: every row says so
+                self.error = describe_error(e)
 
     def _autocast(self):
         """bfloat16 autocast when benchmarking bfloat16 (the analogue of the Flax model's compute dtype)."""
@@ -371,11 +442,32 @@ class TorchRunner:
         return max_rss_bytes(), "process max RSS"
 
     def _images(self, images):
-        """NHWC numpy images as an NCHW tensor on the device."""
-        return self.torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        """NHWC numpy images as an NCHW tensor on the device, in the mode's memory format."""
+        nchw = self.torch.from_numpy(images).permute(0, 3, 1, 2)
+        return nchw.contiguous(memory_format=self.memory_format).to(self.device)
 
     def inference_row(self, batch: dict, warmup: int, iters: int) -> dict:
         """Times the forward pass under `torch.inference_mode` in eval mode."""
+        return self._guarded("inference", batch, lambda: self._inference(batch, warmup, iters))
+
+    def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
+        """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW,
+        and the step's confusion matrix (as `steps.train_step` returns one in its metrics)."""
+        return self._guarded("train", batch, lambda: self._train(batch, warmup, iters))
+
+    def _guarded(self, mode: str, batch: dict, measure) -> dict:
+        """`measure()`'s row, or an `error_row` if this runner cannot run or `measure` raises."""
+        error = self.error
+        if error is None:
+            try:
+                return measure()
+            except Exception as e:  # compiler and runtime errors of one mode; the others still run
+                error = describe_error(e)
+        shape, extra = batch["image"].shape, {"torch_mode": self.mode, "device": str(self.device)}
+        return error_row("torch", mode, shape, self.dtype_name, error, **extra)
+
+    def _inference(self, batch: dict, warmup: int, iters: int) -> dict:
+        """The timed forward passes of `inference_row`."""
         torch = self.torch
         images = self._images(batch["image"])
         if self.device.type == "cuda":
@@ -385,14 +477,13 @@ class TorchRunner:
         def call():
             """One forward pass."""
             with torch.inference_mode(), self._autocast():
-                return self.model(images)
+                return self.forward(images)
 
-        _, times = time_calls(call, self._sync, warmup, iters)
-        return self._row("inference", batch, times)
+        first, times = time_calls(call, self._sync, warmup, iters)
+        return self._row("inference", batch, first, times)
 
-    def train_row(self, batch: dict, warmup: int, iters: int) -> dict:
-        """Times forward, cross-entropy (ignore_index, aux loss as configured), backward, clipping, AdamW,
-        and the step's confusion matrix (as `steps.train_step` returns one in its metrics)."""
+    def _train(self, batch: dict, warmup: int, iters: int) -> dict:
+        """The timed optimizer steps of `train_row`."""
         torch = self.torch
         config = self.config
         images = self._images(batch["image"])
@@ -405,7 +496,7 @@ class TorchRunner:
             """One optimizer step."""
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
-                out = self.model(images)
+                out = self.forward(images)
                 logits = out[0] if isinstance(out, tuple) else out
                 loss = self.loss(logits, labels)
                 if isinstance(out, tuple):
@@ -420,14 +511,19 @@ class TorchRunner:
                 confusion = torch.bincount(pairs, minlength=k * k).reshape(k, k)
             return loss, confusion
 
-        _, times = time_calls(step, self._sync, warmup, iters)
-        return self._row("train", batch, times)
+        first, times = time_calls(step, self._sync, warmup, iters)
+        return self._row("train", batch, first, times)
 
-    def _row(self, mode: str, batch: dict, times: list[float]) -> dict:
-        """A torch result row (no compile step, so `compile_s` is None)."""
-        extra = {"threads": self.torch.get_num_threads(), "device": str(self.device)}
-        shape, dtype = batch["image"].shape, self.config.model.dtype
-        return _row("torch", mode, shape, dtype, None, times, self._peak_memory(), **extra)
+    def _row(self, mode: str, batch: dict, first: float, times: list[float]) -> dict:
+        """A torch result row; `compile_s` is the first call's time under torch.compile, else None."""
+        extra = {
+            "threads": self.torch.get_num_threads(),
+            "device": str(self.device),
+            "torch_mode": self.mode,
+        }
+        compile_s = first if self.mode == "compile" else None
+        shape = batch["image"].shape
+        return _row("torch", mode, shape, self.dtype_name, compile_s, times, self._peak_memory(), **extra)
 
 
 def input_pipeline_row(config, warmup: int, iters: int) -> dict:
@@ -464,33 +560,53 @@ def input_pipeline_row(config, warmup: int, iters: int) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Sets `ratio_vs_torch` (JAX items/s over PyTorch items/s; > 1: JAX faster) on JAX rows with a peer."""
+    """Sets `ratio_vs_torch` (JAX items/s over PyTorch items/s; > 1: JAX faster) on JAX rows with a peer of
+    the same mode, size, batch and dtype: the fastest such PyTorch row, whose `torch_mode` (if any) goes in
+    `ratio_vs_torch_mode`. Each PyTorch row with a JAX peer gets `jax_over_torch`, the same ratio against it.
+    Rows without timings (`error`) take no part."""
     key = lambda r: (r["mode"], r["height"], r["width"], r["batch"], r["dtype"])
-    torch_rows = {key(r): r for r in rows if r["framework"] == "torch"}
-    for row in rows:
-        peer = torch_rows.get(key(row))
-        if row["framework"] == "jax" and peer:
-            row["ratio_vs_torch"] = round(row["items_per_s"] / peer["items_per_s"], 3)
+    timed = [r for r in rows if r.get("items_per_s")]
+    jax_rows = {key(r): r for r in timed if r["framework"] == "jax"}
+    fastest = {}
+    for row in timed:
+        peer = jax_rows.get(key(row))
+        if row["framework"] == "torch" and peer:
+            row["jax_over_torch"] = round(peer["items_per_s"] / row["items_per_s"], 3)
+            best = fastest.get(key(row))
+            if best is None or row["items_per_s"] > best["items_per_s"]:
+                fastest[key(row)] = row
+    for k, peer in fastest.items():
+        jax_rows[k]["ratio_vs_torch"] = peer["jax_over_torch"]
+        if "torch_mode" in peer:
+            jax_rows[k]["ratio_vs_torch_mode"] = peer["torch_mode"]
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width text table of the rows."""
+    """Fixed-width text table of the rows; a PyTorch row's `torch_mode` in the layer column, its ratio the
+    JAX row's throughput over its own."""
     header = (
-        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'layer':<7} {'dots':<7} "
+        f"{'framework':<9} {'mode':<14} {'size':>9} {'batch':>5} {'dtype':<8} {'layer':<13} {'dots':<7} "
         f"{'compile_s':>9} {'median_ms':>10} {'p90_ms':>10} {'items/s':>9} {'peak_MiB':>9} {'jax/torch':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-        ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
-        peak = f"{r['peak_memory_bytes'] / 2**20:.0f}"
-        impls = f"{r.get('layer') or '-':<7} {r.get('dot_library') or '-':<7}"
-        lines.append(
+        impls = f"{r.get('layer') or r.get('torch_mode') or '-':<13} {r.get('dot_library') or '-':<7}"
+        start = (
             f"{r['framework']:<9} {r['mode']:<14} {r['height']:>4}x{r['width']:<4} {r['batch']:>5} "
-            f"{r['dtype']:<8} {impls} {compile_s:>9} {r['median_ms']:>10.2f} "
+            f"{r['dtype']:<8} {impls}"
+        )
+        if r.get("error"):
+            lines.append(f"{start} error: {r['error']}")
+            continue
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        ratio = r.get("ratio_vs_torch", r.get("jax_over_torch"))
+        ratio = "-" if ratio is None else f"{ratio:.2f}x"
+        peak = f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{start} {compile_s:>9} {r['median_ms']:>10.2f} "
             f"{r['p90_ms']:>10.2f} {r['items_per_s']:>9.2f} {peak:>9} {ratio:>9}"
         )
-    sources = sorted({r["peak_memory_source"] for r in rows})
+    sources = sorted({r["peak_memory_source"] for r in rows if r.get("peak_memory_source")})
     lines.append(
         f"peak memory: {', '.join(sources)} (process-wide so far for RSS); jax/torch > 1: JAX faster"
     )
@@ -500,7 +616,10 @@ def format_table(rows: list[dict]) -> str:
 def pool_rounds(rows: list[dict]) -> dict:
     """One row from the rows of the same measurement's rounds: their timed calls pooled (median, p90 and
     items/s of all of them), the first round's `compile_s` (later first calls compile nothing), the largest
-    peak memory."""
+    peak memory. If a round failed, its error row stands for them all."""
+    failed = [row for row in rows if row.get("error")]
+    if failed:
+        return {**failed[0], "rounds": len(rows)}
     first = rows[0]
     times_ms = [t for row in rows for t in row["times_ms"]]
     pooled = {**first, **summarize([t / 1e3 for t in times_ms], first["batch"])}
@@ -537,6 +656,8 @@ def run_benchmark(
     compare_torch: bool = False,
     rounds: int = 1,
     dot_library: str = "auto",
+    torch_modes: tuple[str, ...] = ("eager",),
+    torch_dtypes: tuple[str, ...] | None = None,
 ) -> dict:
     """Runs every measurement and returns the report.
 
@@ -554,12 +675,16 @@ def run_benchmark(
         a row then pools `rounds * iters` timed calls.
       dot_library: XLA:CPU's matrix-product library for JAX inference, one of `autotune.DOT_LIBRARIES`
         ('auto': the faster of the two, timed at each inference row's first call).
+      torch_modes: with `compare_torch`, the PyTorch modes (TORCH_MODES) to time, each in every
+        `torch_dtypes`.
+      torch_dtypes: the PyTorch dtypes (DTYPES); None: the config's `model.dtype`, as the JAX rows.
 
     Returns:
       {"machine": `machine_info()`, "rows": [row, ...]}, rows with `framework`, `mode`, `height`, `width`,
       `batch`, `dtype`, `compile_s`, `median_ms`, `p90_ms`, `items_per_s`, peak memory, `rounds`,
       `times_ms` (every timed call), and for JAX rows `layer` (the layer's name), for JAX inference rows
-      `dot_library` (None off CPU), and, where a PyTorch row matches, `ratio_vs_torch`.
+      `dot_library` (None off CPU), and, where a PyTorch row matches, `ratio_vs_torch`; PyTorch rows have
+      `torch_mode`, and `error` instead of timings where they failed (`add_ratios`, `TorchRunner`).
     """
     if warmup < 0 or iters < 1 or rounds < 1:
         raise ValueError(
@@ -568,22 +693,30 @@ def run_benchmark(
     if not set(modes) <= set(MODES):
         raise ValueError(f"modes must be among {MODES}, got {modes}")
     autotune.check_library(dot_library, "--dot_library")
+    torch_dtypes = tuple(torch_dtypes or (config.model.dtype,))
+    if not (set(torch_modes) <= set(TORCH_MODES) and set(torch_dtypes) <= set(DTYPES)):
+        raise ValueError(
+            f"torch modes must be among {TORCH_MODES} and dtypes among {DTYPES}, got {torch_modes} and "
+            f"{torch_dtypes}"
+        )
     # The model is built (and parameters initialised) only when a model mode is asked for.
     jax_runner = JaxRunner(config, dot_library) if {"inference", "train"} & set(modes) else None
-    torch_runner = (
-        TorchRunner(config, jax_runner.num_params_without_aux) if compare_torch and jax_runner else None
-    )
-    runners = [r for r in (jax_runner, torch_runner) if r]
+    torch_runners = [
+        TorchRunner(config, jax_runner.num_params_without_aux, mode, dtype)
+        for mode in (torch_modes if compare_torch and jax_runner else ())
+        for dtype in torch_dtypes
+    ]
+    runners = [r for r in (jax_runner, *torch_runners) if r]
     rng = np.random.default_rng(config.seed)
     rows = []
     print("\n".join(format_table([]).splitlines()[:2]), flush=True)
     for size in sizes if runners else []:
         for batch_size in batches if "inference" in modes else []:
-            batch = _random_batch(rng, batch_size, size, config.num_classes, config.ignore_label)
+            batch = random_batch(rng, batch_size, size, config.num_classes, config.ignore_label)
             for row in measure_rounds(runners, "inference_row", batch, warmup, iters, rounds):
                 rows.append(row)
                 print(format_table([row]).splitlines()[2], flush=True)
-        batch = _random_batch(rng, train_batch, size, config.num_classes, config.ignore_label)
+        batch = random_batch(rng, train_batch, size, config.num_classes, config.ignore_label)
         for row in (
             measure_rounds(runners, "train_row", batch, warmup, iters, rounds) if "train" in modes else []
         ):
@@ -593,7 +726,8 @@ def run_benchmark(
         rows.append(input_pipeline_row(config, warmup, iters))
     add_ratios(rows)
     machine = machine_info()
-    if torch_runner:
+    if torch_runners:
+        torch_runner = torch_runners[0]
         machine["torch_threads"] = torch_runner.threads
         machine["torch_device"] = str(torch_runner.device)
         machine["num_params_without_aux"] = torch_runner.num_params
@@ -612,7 +746,13 @@ def main(argv):
     modes = tuple(m for m in FLAGS.modes if not (FLAGS.skip_input_pipeline and m == "input_pipeline"))
     if not set(modes) <= set(MODES):
         raise app.UsageError(f"--modes must be among {','.join(MODES)}, got {','.join(FLAGS.modes)}")
-    if FLAGS.compare_torch:
+    # Asking for PyTorch modes or dtypes asks for the comparison.
+    compare_torch = FLAGS.compare_torch or FLAGS["torch_modes"].present or FLAGS["torch_dtypes"].present
+    if not set(FLAGS.torch_modes) <= set(TORCH_MODES):
+        raise app.UsageError(f"--torch-modes must be among {','.join(TORCH_MODES)}, got {FLAGS.torch_modes}")
+    if not set(FLAGS.torch_dtypes or ()) <= set(DTYPES):
+        raise app.UsageError(f"--torch-dtypes must be among {','.join(DTYPES)}, got {FLAGS.torch_dtypes}")
+    if compare_torch:
         import_torch()  # fail before minutes of JAX measurements, not after
         # JAX would otherwise take 75% of GPU memory at start, leaving PyTorch too little.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -629,9 +769,11 @@ def main(argv):
         warmup=FLAGS.warmup,
         iters=FLAGS.iters,
         modes=modes,
-        compare_torch=FLAGS.compare_torch,
+        compare_torch=compare_torch,
         rounds=FLAGS.rounds,
         dot_library=FLAGS.dot_library,
+        torch_modes=tuple(FLAGS.torch_modes),
+        torch_dtypes=tuple(FLAGS.torch_dtypes or ()),
     )
     machine = report["machine"]
     devices = f"{machine['device_kind']} x{len(machine['devices'])} ({machine['platform']})"
@@ -679,9 +821,21 @@ def define_flags() -> None:
     flags.DEFINE_list("modes", list(MODES), f"What to measure, comma-separated, among {','.join(MODES)}.")
     flags.DEFINE_boolean("skip_input_pipeline", False, "Leave out the input-pipeline measurement.")
     flags.DEFINE_boolean("compare_torch", False, f"Also time a PyTorch Fast-SCNN ({TORCH_INSTALL_HINT}).")
+    flags.DEFINE_list(
+        "torch_modes",
+        ["eager"],
+        f"PyTorch modes to time, among {','.join(TORCH_MODES)}; implies --compare-torch.",
+    )
+    flags.DEFINE_list(
+        "torch_dtypes",
+        None,
+        f"PyTorch dtypes, among {','.join(DTYPES)} (bfloat16: autocast); default the JAX rows' dtype; "
+        "implies --compare-torch.",
+    )
     flags.DEFINE_string("output", None, "Write the JSON report here.")
     # The README spells these with hyphens; absl aliases accept both spellings.
-    for name in ("train_batch", "skip_input_pipeline", "compare_torch", "dot_library", "cpu_layer"):
+    names = ("train_batch", "skip_input_pipeline", "compare_torch", "dot_library", "cpu_layer")
+    for name in (*names, "torch_modes", "torch_dtypes"):
         flags.DEFINE_alias(name.replace("_", "-"), name)
 
 

@@ -214,3 +214,40 @@ def test_timed_inference_returns_the_models_logits():
     logits = apply(runner.variables, images)
     assert timed.shape == (2, 64, 96, config.num_classes)
     np.testing.assert_allclose(timed, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_modes_and_dtypes_add_those_pytorch_rows(tmp_path):
+    """`--torch-modes=channels_last --torch-dtypes=bfloat16` (implying --compare-torch) times PyTorch in NHWC
+    memory under bfloat16 autocast, beside the float32 JAX rows."""
+    pytest.importorskip("torch")
+    output = tmp_path / "torch.json"
+    flags = ["--modes=inference,train", "--torch-modes=channels_last", "--torch-dtypes=bfloat16"]
+    result = _run(*TINY_FLAGS, *flags, f"--output={output}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(output.read_text())["rows"]
+    torch_rows = [r for r in rows if r["framework"] == "torch"]
+    assert sorted(r["mode"] for r in torch_rows) == ["inference", "train"]
+    for row in torch_rows:
+        assert (row["torch_mode"], row["dtype"]) == ("channels_last", "bfloat16"), row
+        assert not row.get("error") and row["items_per_s"] > 0 and row["compile_s"] is None
+    assert all(r["dtype"] == "float32" for r in rows if r["framework"] == "jax")
+
+
+def test_failed_rows_keep_their_error_and_take_no_ratio():
+    """A failed row (torch.compile without a compiler, say) pools, prints and is left out of the ratios."""
+    shape = (1, 8, 16, 3)
+    timed = benchmark._row("jax", "inference", shape, "float32", 1.0, [0.01], (1, "test"), layer="core")
+    failed = benchmark.error_row(
+        "torch", "inference", shape, "float32", "BackendCompilerFailed: no compiler", torch_mode="compile"
+    )
+    pooled = benchmark.pool_rounds([failed, failed])
+    assert pooled["rounds"] == 2 and pooled["error"] == failed["error"] and pooled["items_per_s"] is None
+    rows = [timed, pooled]
+    benchmark.add_ratios(rows)
+    assert "ratio_vs_torch" not in timed and "jax_over_torch" not in pooled
+    line = benchmark.format_table(rows).splitlines()[3]
+    assert (
+        line.startswith("torch")
+        and " compile " in line
+        and line.endswith("error: BackendCompilerFailed: no compiler")
+    )
