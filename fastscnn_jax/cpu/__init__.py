@@ -5,9 +5,13 @@ Opt-in through `config.cpu_layer` ('auto', the default, turns it on when JAX's b
 once by `steps.select_layer`; nothing in the core imports this package. Why each form exists is said where
 it is defined (`conv.py`, `loss.py`); what each one gains is measured in benchmarks/README.md.
 
-One process-wide setting is left to the user, since glibc reads it only at process start:
+Process-wide settings are left to the user, since they must be set before Python starts:
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` lets malloc back XLA:CPU's large per-step buffers with transparent
-huge pages, which saves most of the page faults of touching them afresh every step.
+huge pages, which saves most of the page faults of touching them afresh every step. Adding
+`:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776` with `JAX_CPU_ENABLE_ASYNC_DISPATCH=0`
+(computations on the calling thread, whose arena those settings govern) removes the rest, at the price of
+keeping the process at its peak memory. The code before this layer set all of them on itself by restarting
+the process; benchmarks/README.md measures them.
 """
 
 import functools
