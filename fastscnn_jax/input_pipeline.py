@@ -43,6 +43,15 @@ class InMemorySplit:
             names.append(ex["file_name"].decode())
         return cls(images, labels, names)
 
+    @classmethod
+    def concatenate(cls, splits: list["InMemorySplit"]) -> "InMemorySplit":
+        """The examples of `splits`, one after the other."""
+        return cls(
+            [x for s in splits for x in s.images],
+            [x for s in splits for x in s.labels],
+            [x for s in splits for x in s.names],
+        )
+
     def __len__(self) -> int:
         """Number of examples."""
         return len(self.images)

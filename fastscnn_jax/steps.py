@@ -35,9 +35,17 @@ class ConfigError(ValueError):
 
 
 class TrainState(train_state.TrainState):
-    """TrainState with BatchNorm statistics."""
+    """TrainState with BatchNorm statistics and, when `config.ema_decay` > 0, their moving average with the
+    parameters' (`ema`: {"params", "batch_stats"}; None otherwise)."""
 
     batch_stats: Any
+    ema: Any = None
+
+    def eval_variables(self) -> dict:
+        """The variables to evaluate and ship: the moving average when there is one."""
+        if self.ema is not None:
+            return self.ema
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def train_loss(
@@ -144,6 +152,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if len(config.crop_size) != 2 or min(config.crop_size) < 1:
         raise ConfigError(f"config.crop_size={tuple(config.crop_size)} must be (height, width), both >= 1")
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"config.ema_decay={config.ema_decay} must be in [0, 1); 0 disables the average")
     if not 0 < config.min_scale <= config.max_scale:
         raise ConfigError(
             f"config.min_scale/max_scale={config.min_scale}/{config.max_scale}: need 0 < min <= max"
@@ -262,7 +272,15 @@ def create_train_state(
         tx=optimizer,
         opt_state=jax.jit(optimizer.init)(variables["params"]),
         batch_stats=variables["batch_stats"],
+        ema=jax.tree.map(jnp.copy, dict(variables)) if config.ema_decay > 0 else None,
     )
+
+
+def ema_update(ema: dict, variables: dict, decay: float, step: jax.Array) -> dict:
+    """One step of the moving average of `variables`. The decay ramps up as (1 + step) / (10 + step) until
+    it reaches `decay`, so the first, random-initialised weights are soon forgotten."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, ema, variables)
 
 
 def train_step(
@@ -286,6 +304,9 @@ def train_step(
         state.params
     )
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema is not None:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        state = state.replace(ema=ema_update(state.ema, variables, config.ema_decay, state.step))
     step_metrics = metrics.TrainMetrics.single_from_model_output(
         loss=loss,
         predictions=predictions,

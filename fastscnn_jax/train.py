@@ -133,7 +133,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
-    train_split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    # 'train+val' trains on both splits, as the published CamVid results are trained; val then measures fit.
+    split_names = config.train_split.split("+")
+    missing = [name for name in split_names if name not in builder.info.splits]
+    if missing:
+        raise steps.ConfigError(
+            f"config.train_split={config.train_split!r}: no split {', '.join(missing)}; the dataset has "
+            f"{', '.join(sorted(builder.info.splits))}"
+        )
+    train_split = input_pipeline.InMemorySplit.concatenate(
+        [input_pipeline.InMemorySplit.from_builder(builder, name) for name in split_names]
+    )
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
     # sequence with train and flatters the model; a whole train sequence held out of training measures what
     # the test split (other streets) measures, so when there is one it selects, and val is reported beside it.
@@ -230,13 +240,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             stop = False
             if step % config.eval_every_steps == 0 or is_last:
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
-                results = {}
+                variables = state.eval_variables()
+                # With a moving average, it is what is evaluated, selected and saved; the raw weights are
+                # scored beside it (`raw_` scalars) to show what it gains.
+                candidates = {"": variables}
+                if state.ema is not None:
+                    candidates["raw_"] = {"params": state.params, "batch_stats": state.batch_stats}
+                results, raw_results = {}, {}
                 with report_progress.timed("eval"):
-                    for name, split, sequence in targets:
-                        results[name] = evaluate(
-                            p_eval_step, variables, builder, split, config, mesh, sequence
-                        )
+                    for prefix, candidate in candidates.items():
+                        for name, split, sequence in targets:
+                            scored = evaluate(p_eval_step, candidate, builder, split, config, mesh, sequence)
+                            (raw_results if prefix else results)[name] = scored
+                for name, (scores, _) in raw_results.items():
+                    writer.write_scalars(step, {f"raw_{name}_miou": scores["miou"]})
+                    logging.info("Step %d %s, raw weights: mIoU %.4f", step, name, scores["miou"])
                 for name, (scores, _) in results.items():
                     writer.write_scalars(
                         step,

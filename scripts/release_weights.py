@@ -3,7 +3,8 @@ r"""Turns a finished training run into the shipped weights, figures and numbers 
   python scripts/release_weights.py --config=configs/camvid_cpu.py --workdir=runs/camvid_cpu
 
 Writes:
-  fastscnn_jax/weights/fastscnn_camvid.msgpack  params + batch_stats of the best val checkpoint, with metadata
+  fastscnn_jax/weights/fastscnn_camvid.msgpack  params + batch_stats of the best checkpoint
+                                                (`--checkpoint=last`: the final state's), with metadata
   docs/eval_val.json, docs/eval_val.png          `evaluate` on val with the released file; confusion matrix
   docs/training_curve.png                        train loss and val mIoU against steps (TensorBoard events)
   docs/val_examples.png                          val photos, ground truth and prediction side by side
@@ -28,6 +29,13 @@ config_flags.DEFINE_config_file("config", None, "The run's configuration file.",
 flags.DEFINE_string("workdir", None, "The finished training run.")
 flags.DEFINE_string("docs", "docs", "Folder for the figures and the evaluation JSON.")
 flags.DEFINE_integer("num_examples", 4, "Val images in the examples figure.")
+flags.DEFINE_enum(
+    "checkpoint",
+    "best",
+    ["best", "last"],
+    "best: the best evaluation's weights; last: the final training state's (a fixed schedule, no selection, "
+    "as for a run on train+val).",
+)
 
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float, float]]]:
@@ -101,14 +109,17 @@ def main(argv):
     del argv
     config, workdir = FLAGS.config, FLAGS.workdir
     os.makedirs(FLAGS.docs, exist_ok=True)
-    variables, meta = checkpointing.load_variables(os.path.join(workdir, checkpointing.BEST_DIR))
+    folder = checkpointing.BEST_DIR if FLAGS.checkpoint == "best" else checkpointing.LATEST_DIR
+    variables, meta = checkpointing.load_variables(os.path.join(workdir, folder))
     scalars = read_scalars(workdir)
     walls = [w for values in scalars.values() for _, _, w in values]
     meta.update(
         config=os.path.basename(FLAGS["config"].config_filename),
         model=steps.model_signature(config),
         train_minutes=round((max(walls) - min(walls)) / 60, 1),
-        trained_on="CamVid (SegNet split) train only, 367 images",
+        trained_on=f"CamVid (SegNet split) {config.train_split}"
+        + (f" without sequence {config.holdout_sequence}" if config.holdout_sequence else ""),
+        checkpoint=FLAGS.checkpoint,
     )
     checkpointing.save_weights_file(checkpointing.DEFAULT_WEIGHTS, variables, meta)
     size_mb = os.path.getsize(checkpointing.DEFAULT_WEIGHTS) / 2**20

@@ -94,6 +94,13 @@ def test_all_finite_sees_one_bad_element_in_any_leaf():
             assert not bool(steps.all_finite(poisoned)), (leaf, bad)
 
 
+def test_moving_average_ramps_up_to_its_decay():
+    """Early steps weigh the new weights heavily ((1 + step) / (10 + step) decay), later ones by `decay`."""
+    ema, new = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    np.testing.assert_allclose(steps.ema_update(ema, new, 0.99, jnp.asarray(0))["w"], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(steps.ema_update(ema, new, 0.99, jnp.asarray(10_000))["w"], 0.01, rtol=1e-5)
+
+
 def _small_setup(learning_rate=1e-2, batch_size=2, crop_size=(32, 48), model=None):
     """A tiny model (`model` if given), its train state and a fixed batch."""
     config = tiny.get_config()

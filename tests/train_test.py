@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -107,4 +108,32 @@ def test_held_out_sequence_is_left_out_of_training_and_evaluated_beside_val(tmp_
 
     config.holdout_sequence = "0016E5"
     with pytest.raises(steps.ConfigError, match=r"config.holdout_sequence='0016E5'.*0001TP, 0006R0"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+def test_train_plus_val_with_moving_average(tmp_path):
+    """`train_split='train+val'` trains on both splits (one epoch is their 8 examples at batch 1); with
+    `ema_decay` the moving average, not the raw weights, is what the best checkpoint and a training state
+    give for inference. A split the dataset lacks is refused, naming the key."""
+    config = _fake_run_config(tmp_path)
+    config.train_split = "train+val"
+    config.ema_decay = 0.9
+    config.num_train_steps = -1
+    config.num_epochs = 1
+    config.batch_size = 1
+    config.eval_every_steps = 8
+    workdir = tmp_path / "train_val"
+    best = train.train_and_evaluate(config, str(workdir))
+    assert best["step"] == 8  # 4 train + 4 val examples, one epoch
+    latest, _ = checkpointing.load_variables(str(workdir / "checkpoints"))
+    best_variables, _ = checkpointing.load_variables(str(workdir / "best"))
+    state = checkpointing._restore_arrays(workdir / "checkpoints" / "8" / "state")
+    for name in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, latest[name], state["ema"][name])
+        jax.tree.map(np.testing.assert_array_equal, best_variables[name], state["ema"][name])
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state["ema"]["params"], state["params"])
+    assert max(jax.tree.leaves(moved)) > 0  # the average lags the raw weights
+
+    config.train_split = "train+trainval"
+    with pytest.raises(steps.ConfigError, match=r"config.train_split='train\+trainval': no split trainval"):
         train.train_and_evaluate(config, str(tmp_path / "bad"))
