@@ -133,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
-    train_split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    train_split = input_pipeline.read_split(builder, "train", config.ignore_label)
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
     # sequence with train and flatters the model; a whole train sequence held out of training measures what
     # the test split (other streets) measures, so when there is one it selects, and val is reported beside it.
@@ -181,8 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
+    # The batches are whole examples: the step augments them (scale, crop, flip, colour) on the device.
     p_train_step = steps.make_train_step(
-        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer
+        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer, augment=True
     )
     p_eval_step = steps.make_eval_step(model, config, mesh)
     local_batch = config.batch_size // jax.process_count()
