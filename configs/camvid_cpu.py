@@ -7,7 +7,8 @@ Run:
 jitter, ENet class weights, an auxiliary head, AdamW one-cycle over 8000 steps at batch 8 (174 epochs).
 The shipped weights came from it: 103 minutes on a 2-core AMD EPYC VM, the best of 16 val evaluations
 (step 6500), val mIoU 0.6086 and test mIoU 0.474 (MODEL_CARD.md; val shares a sequence with train and
-flatters the model).
+flatters the model). That run augmented in tf.data; with the augmentation in the train step a step takes
+3-6% less, so about 100 minutes (benchmarks/README.md).
 """
 
 from configs import camvid

@@ -16,8 +16,9 @@ PyTorch in turn, and the row pools the N * `--iters` timed calls. Modes:
                   autotune.py).
   train           `steps.train_step` (forward, loss, backward, the config's optimizer) at each size, batch
                   `--train_batch`, on random images and labels.
-  input_pipeline  `input_pipeline.train_dataset` on the real CamVid train split with the config's crop size
-                  and batch size, nothing else running, so one sees whether data or compute bounds training.
+  input_pipeline  `input_pipeline.train_dataset` on the real CamVid train split at the config's batch size:
+                  whole decoded 360x480 examples (the train step augments them), nothing else running, so one
+                  sees whether data or compute bounds training.
 
 The model rows run the layer `--cpu_layer` (default the config's `cpu_layer`) selects, and name it in their
 `layer` column. They need neither TensorFlow nor the dataset: with `--skip-input-pipeline` (or
@@ -527,7 +528,8 @@ class TorchRunner:
 
 
 def input_pipeline_row(config, warmup: int, iters: int) -> dict:
-    """Times `input_pipeline.train_dataset` batches of real CamVid on their own (no model running).
+    """Times `input_pipeline.train_dataset` batches of real CamVid on their own (no model running); the row's
+    height and width are the batches' (the canvas's), not the crop's.
 
     `compile_s` is the time to the first batch (tracing the tf.data functions and filling buffers); as
     prefetching makes single batches arrive in bursts, `items_per_s` is total images over total time of the
@@ -541,7 +543,7 @@ def input_pipeline_row(config, warmup: int, iters: int) -> dict:
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
-    split = input_pipeline.InMemorySplit.from_builder(builder, "train")
+    split = input_pipeline.read_split(builder, "train", config.ignore_label)
     dataset = input_pipeline.train_dataset(split, config, local_batch_size=config.batch_size)
     iterator = None
 
@@ -552,7 +554,7 @@ def input_pipeline_row(config, warmup: int, iters: int) -> dict:
         return next(iterator)
 
     first, times = time_calls(next_batch, lambda _: None, warmup, iters)
-    shape = (config.batch_size, *config.crop_size)
+    shape = (config.batch_size, *split.images.shape[1:3])
     peak = (max_rss_bytes(), "process max RSS")
     row = _row("jax", "input_pipeline", shape, "float32", first, times, peak, layer=None)
     row["items_per_s"] = round(config.batch_size * len(times) / sum(times), 3)

@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastscnn_jax import classes, losses, metrics, models
+from fastscnn_jax import augmentation, classes, losses, metrics, models
 
 CPU_LAYER_CHOICES = ("auto", "on", "off")
 
@@ -291,8 +291,15 @@ def train_step(
     weights: jax.Array | None,
     dropout_rng: jax.Array,
     layer: Layer = CORE,
+    augment: bool = False,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
-    """One optimizer step on a (global) batch; returns the new state and the step's metrics."""
+    """One optimizer step on a (global) batch; returns the new state and the step's metrics.
+
+    With `augment`, the batch is the reader's whole examples (`augmentation.augment_batch`'s input), made into
+    augmented crops here, on the device; without, it is `image` and `label` crops ready for the model.
+    """
+    if augment:
+        batch = augmentation.augment_batch(batch, config)
     step_rng = jax.random.fold_in(dropout_rng, state.step)
 
     def loss_fn(params):
@@ -344,12 +351,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, weights, dropout_rng: jax.Array, mesh: Mesh, layer: Layer = CORE
+    config: ml_collections.ConfigDict,
+    weights,
+    dropout_rng: jax.Array,
+    mesh: Mesh,
+    layer: Layer = CORE,
+    augment: bool = False,
 ):
-    """`train_step` jit-compiled for the mesh: state replicated and donated, batch sharded."""
+    """`train_step` jit-compiled for the mesh: state replicated and donated, batch sharded; `augment` as
+    `train_step` takes it (the training loop's batches: True)."""
     replicated = NamedSharding(mesh, P())
+    step = functools.partial(
+        train_step, config=config, weights=weights, dropout_rng=dropout_rng, layer=layer, augment=augment
+    )
     return jax.jit(
-        functools.partial(train_step, config=config, weights=weights, dropout_rng=dropout_rng, layer=layer),
+        step,
         in_shardings=(replicated, NamedSharding(mesh, P("data"))),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

@@ -134,16 +134,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
     # 'train+val' trains on both splits, as the published CamVid results are trained; val then measures fit.
-    split_names = config.train_split.split("+")
-    missing = [name for name in split_names if name not in builder.info.splits]
-    if missing:
-        raise steps.ConfigError(
-            f"config.train_split={config.train_split!r}: no split {', '.join(missing)}; the dataset has "
-            f"{', '.join(sorted(builder.info.splits))}"
-        )
-    train_split = input_pipeline.InMemorySplit.concatenate(
-        [input_pipeline.InMemorySplit.from_builder(builder, name) for name in split_names]
-    )
+    try:
+        train_split = input_pipeline.read_split(builder, config.train_split, config.ignore_label)
+    except camvid.DatasetError as e:
+        raise steps.ConfigError(f"config.train_split={config.train_split!r}: {e}") from None
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
     # sequence with train and flatters the model; a whole train sequence held out of training measures what
     # the test split (other streets) measures, so when there is one it selects, and val is reported beside it.
@@ -191,8 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
+    # The batches are whole examples: the step augments them (scale, crop, flip, colour) on the device.
     p_train_step = steps.make_train_step(
-        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer
+        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer, augment=True
     )
     p_eval_step = steps.make_eval_step(model, config, mesh)
     local_batch = config.batch_size // jax.process_count()

@@ -66,7 +66,8 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
         assert row["rounds"] == 2 and len(row["times_ms"]) == 4, row
         assert row["median_ms"] == pytest.approx(float(np.median(row["times_ms"])), abs=1e-3)
     pipeline = next(r for r in rows if r["mode"] == "input_pipeline")
-    assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (64, 96, 4)  # tiny crop and batch
+    # Whole CamVid frames at tiny.py's batch: the train step crops them.
+    assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (360, 480, 4)
     assert pipeline["layer"] is None
     assert not any("ratio_vs_torch" in r for r in rows)  # no torch rows to compare with
     machine = report["machine"]

@@ -1,4 +1,5 @@
-"""The core without TensorFlow: training steps, predict, the benchmark's model rows and the StableHLO export.
+"""The core without TensorFlow: the reader and the augmenting train step, predict, the benchmark's model rows
+and the StableHLO export.
 
 Each check runs in a subprocess whose PYTHONPATH starts with a folder holding `tensorflow` and
 `tensorflow_datasets` packages that raise ImportError when imported, as if neither were installed. The
@@ -14,6 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import make_fake_camvid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("tensorflow", "tensorflow_datasets")
@@ -43,7 +46,8 @@ RUN_MODULE = ASSERT_BLOCKED + textwrap.dedent(
     """
 )
 
-# A few train steps of configs/tiny.py on one random batch, through `steps` alone.
+# A few train steps of configs/tiny.py on a fake CamVid folder (argv[1]) as training runs them: whole examples
+# from the numpy reader, augmented inside the train step.
 TRAIN_STEPS = ASSERT_BLOCKED + textwrap.dedent(
     """
     import jax
@@ -52,10 +56,12 @@ TRAIN_STEPS = ASSERT_BLOCKED + textwrap.dedent(
     from jax.sharding import PartitionSpec as P
 
     from configs import tiny
-    from fastscnn_jax import steps
+    from fastscnn_jax import reader, steps
 
     config = tiny.get_config()
+    config.min_scale, config.max_scale = 0.75, 1.5  # the fake images are crop-sized
     steps.validate_config(config)
+    split = reader.InMemorySplit.from_folder(sys.argv[1], "train", config.ignore_label)
     layer = steps.select_layer(config.cpu_layer)
     model = steps.create_model(config, layer)
     optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, config.num_train_steps))
@@ -63,20 +69,17 @@ TRAIN_STEPS = ASSERT_BLOCKED + textwrap.dedent(
     mesh = steps.create_mesh()
     state = steps.create_train_state(config, model, init_rng, optimizer, layer)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    train_step = steps.make_train_step(config, None, dropout_rng, mesh, layer)
-    rng = np.random.default_rng(0)
-    shape = (config.batch_size, *config.crop_size)
-    batch = {
-        "image": rng.uniform(0, 255, (*shape, 3)).astype(np.float32),
-        "label": rng.integers(0, config.num_classes + 1, shape).astype(np.int32),  # void included
-    }
+    train_step = steps.make_train_step(config, None, dropout_rng, mesh, layer, augment=True)
+    batches = reader.train_batches(split, config, local_batch_size=config.batch_size)
+    first = next(batches)
+    assert first["image"].shape == (config.batch_size, 64, 96, 3), first["image"].shape
     losses = []
-    for _ in range(4):
+    for batch in [first] * 4 + [next(batches)]:
         state, step_metrics = train_step(state, steps.shard_batch(batch, mesh))
         losses.append(float(step_metrics.compute()["loss"]))
     print("layer", layer.name, "losses", losses)
     assert np.all(np.isfinite(losses)), losses
-    assert losses[-1] < losses[0], losses  # the same batch: the loss goes down
+    assert losses[3] < losses[0], losses  # the same examples, augmented alike: the loss goes down
     assert bool(steps.all_finite(state.params))
     assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
     """
@@ -106,10 +109,11 @@ def test_blocker_blocks(env):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_train_steps_run_through_steps(env):
-    """configs/tiny.py trains a few steps with `steps` alone (the backend's layer); the loss is finite and
-    falls."""
-    result = _python(env, "-c", TRAIN_STEPS)
+def test_train_steps_run_from_the_reader(env, tmp_path):
+    """configs/tiny.py trains a few steps on a CamVid folder with `reader` and `steps` alone (the backend's
+    layer, the augmentation in the step); the loss is finite and falls on repeated examples."""
+    folder = make_fake_camvid(tmp_path / "camvid", splits=("train",), n=6, size=(64, 96))
+    result = _python(env, "-c", TRAIN_STEPS, str(folder))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "losses" in result.stdout
 

@@ -135,5 +135,7 @@ def test_train_plus_val_with_moving_average(tmp_path):
     assert max(jax.tree.leaves(moved)) > 0  # the average lags the raw weights
 
     config.train_split = "train+trainval"
-    with pytest.raises(steps.ConfigError, match=r"config.train_split='train\+trainval': no split trainval"):
+    with pytest.raises(
+        steps.ConfigError, match=r"config.train_split='train\+trainval': split \"trainval\" not found"
+    ):
         train.train_and_evaluate(config, str(tmp_path / "bad"))
