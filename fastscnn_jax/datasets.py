@@ -75,6 +75,13 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
     of a workdir with no other flag (`dataset_dir` made absolute)."""
     return {
         "dataset": config.dataset,
-        "dataset_dir": os.path.abspath(config.dataset_dir) if config.dataset_dir else "",
-        "tfds_data_dir": os.path.abspath(config.tfds_data_dir) if config.tfds_data_dir else "",
+        "dataset_dir": _absolute(config.dataset_dir),
+        "tfds_data_dir": _absolute(config.tfds_data_dir),
     }
+
+
+def _absolute(path: str) -> str:
+    """`path` absolute, `~` expanded; '' and URLs (gs://...) as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
