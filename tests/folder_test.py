@@ -18,11 +18,13 @@ from fastscnn_jax import (
     camvid,
     checkpointing,
     classes,
+    datasets,
     evaluate,
     export,
     folder,
     input_pipeline,
     predict,
+    steps,
     train,
 )
 
@@ -355,3 +357,29 @@ def test_classes_of_weights_without_them():
     assert numbered.names[18] == "class 18" and len(set(numbered.colors)) == 19
     with pytest.raises(classes.ClassesError, match="lists 11 classes but the model has 19"):
         classes.from_meta({"model": {"num_classes": 19}, "classes": classes.CAMVID.to_json()})
+
+
+def test_num_classes_and_ignore_label_come_from_classes_json(tmp_path):
+    """configs/folder.py's 0 and -1 take classes.json's values; a config that says otherwise is refused,
+    naming both numbers."""
+    root = _good(tmp_path)
+    config = folder_config.get_config()
+    config.dataset_dir = str(root)
+    resolved, found = datasets.resolve(config)
+    assert (resolved.num_classes, resolved.ignore_label) == (3, 255) and found.names[2] == "thing2"
+    config.num_classes = 5
+    with pytest.raises(steps.ConfigError, match="config.num_classes=5 but the data has 3 classes"):
+        datasets.resolve(config)
+
+
+def test_checkpoint_data_fills_what_the_command_line_leaves():
+    """evaluate without --config: the checkpoint's data settings, except keys overridden on the command line;
+    the classes then come from that data. Weights without data settings leave the config as it is."""
+    config = camvid_config.get_config()
+    config.tfds_data_dir = "/mine"  # as `--config.tfds_data_dir=/mine` leaves it
+    meta = {"data": {"dataset": "folder", "dataset_dir": "/data", "tfds_data_dir": "/theirs"}}
+    filled = evaluate.with_checkpoint_data(config, meta, {"tfds_data_dir": "/mine"})
+    assert (filled.dataset, filled.dataset_dir, filled.tfds_data_dir) == ("folder", "/data", "/mine")
+    assert (filled.num_classes, filled.ignore_label) == (0, -1)
+    assert config.dataset == "camvid"  # the caller's config is not changed
+    assert evaluate.with_checkpoint_data(config, {"model": {}}, {}) is config
