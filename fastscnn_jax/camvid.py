@@ -30,7 +30,7 @@ import tarfile
 import types
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -372,7 +372,7 @@ def _lock_exclusive(lock_file, what: str) -> bool:
         return True
 
 
-def _remove_incomplete(builder: CamVid) -> None:
+def _remove_incomplete(builder: tfds.core.DatasetBuilder) -> None:
     """Removes the temporary folders of preparations of the builder's version that did not finish.
 
     TFDS prepares into `<data_dir>/camvid_segnet/incomplete.<random>_<version>/`, renames it when done and
@@ -432,6 +432,18 @@ def get_builder(
             data_dir=data_dir,
         )
 
+    return prepare(new_builder, "CamVid")
+
+
+def prepare(new_builder: Callable[[], tfds.core.DatasetBuilder], what: str) -> tfds.core.DatasetBuilder:
+    """Returns `new_builder()` prepared: by this process under the data folder's lock, or by another one.
+
+    The locking of `get_builder`, for any of the project's TFDS builders.
+
+    Args:
+      new_builder: makes a builder of the dataset (TFDS looks for the prepared version when it is made).
+      what: the dataset's name in logs.
+    """
     # try_download_gcs=False: our data is never on TFDS's bucket; do not touch the network for it.
     download_config = tfds.download.DownloadConfig(try_download_gcs=False)
     builder = new_builder()
@@ -442,23 +454,24 @@ def get_builder(
         builder.download_and_prepare(download_config=download_config)
         return builder
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{CamVid.name}.lock", "a") as lock_file:  # Closing it releases the lock.
-        waited = _lock_exclusive(lock_file, f"preparing CamVid in {root}")
+    with open(root / f".{builder.name}.lock", "a") as lock_file:  # Closing it releases the lock.
+        waited = _lock_exclusive(lock_file, f"preparing {what} in {root}")
         # TFDS reads a prepared version's info (its splits) only when the builder is made, so one made
         # before another process finished would load nothing: make it anew now that none is preparing.
         builder = new_builder()
         if builder.is_prepared():
-            logging.info("CamVid was prepared by another process in %s", builder.data_dir)
+            logging.info("%s was prepared by another process in %s", what, builder.data_dir)
             return builder
         if waited:
-            logging.info("Another process did not prepare CamVid in %s: preparing it here", root)
+            logging.info("Another process did not prepare %s in %s: preparing it here", what, root)
         _remove_incomplete(builder)
         builder.download_and_prepare(download_config=download_config)
     return builder
 
 
-def load_split(builder: CamVid, split: str, decode: bool = True) -> tf.data.Dataset:
-    """Loads a prepared split in list-file order (file-name order for folders without one).
+def load_split(builder: tfds.core.DatasetBuilder, split: str, decode: bool = True) -> tf.data.Dataset:
+    """Loads a prepared split of CamVid (in list-file order, file-name order for folders without one) or of
+    any of the project's builders that store the same features (`folder`, `cityscapes`).
 
     Args:
       builder: prepared builder, e.g. from `get_builder`.
@@ -477,7 +490,8 @@ def load_split(builder: CamVid, split: str, decode: bool = True) -> tf.data.Data
         if name not in available:
             source = builder.info.metadata.get("source", "?")
             raise DatasetError(
-                f'split "{name}" not found in CamVid prepared from {source}: available {", ".join(available)}'
+                f'split "{name}" not found in {builder.name} prepared from {source}: available '
+                f"{', '.join(available)}"
             )
     decoders = None if decode else {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)

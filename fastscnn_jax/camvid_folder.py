@@ -25,7 +25,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 
 class DatasetError(ValueError):
-    """Missing or bad CamVid data; the message lists every problem found, one per line."""
+    """Missing or bad data (of any dataset); the message lists every problem found, one per line."""
 
     def __init__(self, message: str, problems: list[str] | tuple[str, ...] = ()):
         """Builds the message from a headline and the list of problems (each naming its file)."""

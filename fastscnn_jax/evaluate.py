@@ -1,4 +1,4 @@
-r"""Evaluates a checkpoint on a CamVid split at full resolution.
+r"""Evaluates a checkpoint on a split of its dataset at full resolution (each image at its own size).
 
   python -m fastscnn_jax.evaluate                      # the shipped weights, on val
   python -m fastscnn_jax.evaluate --config=configs/camvid.py --workdir=runs/camvid --split=val
@@ -9,12 +9,16 @@ Writes `WORKDIR/eval_<split>.json` (or `--output`; `eval_<split>.json` in the cu
 shipped weights) with `miou`, `pixel_accuracy`, `mean_dice`, `per_class_iou` and the confusion matrix, a
 row-normalised confusion-matrix plot beside it (`.png`), and prints a per-class table. The dataset is found
 through the config's `dataset_dir`, as for training, so a full copy with a test split evaluates with
-`--split=test`. `--sequence` scores only the frames of one sequence of the split, e.g. one held out of
-training with `config.holdout_sequence`; the report is then `eval_<sequence>.json`.
+`--split=test`. Without `--config`, a workdir trained on another dataset (`config.dataset`) is evaluated on
+the data it was trained on: its checkpoint records the data settings (`--config.KEY=VALUE` still overrides
+them). The table and the plot name the classes the checkpoint records (CamVid's for the shipped weights).
+`--sequence` scores only the frames of one sequence of the split (a CamVid sequence, a Cityscapes city), e.g.
+one held out of training with `config.holdout_sequence`; the report is then `eval_<sequence>.json`.
 """
 
 import json
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +26,7 @@ import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from fastscnn_jax import camvid, checkpointing, cli, metrics, steps, train
+from fastscnn_jax import camvid, checkpointing, classes, cli, datasets, metrics, steps, train
 
 FLAGS = flags.FLAGS
 
@@ -31,8 +35,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
     """Scores of a checkpoint on a split.
 
     The checkpoint fixes the network (`checkpointing.load_model`: e.g. imported PyTorch weights are built
-    with `torch_compat`); the config fixes how it is evaluated: the dataset, `eval_batch_size`, the compute
-    `model.dtype` and the `cpu_layer`.
+    with `torch_compat`) and the class names; the config fixes how it is evaluated: the dataset,
+    `eval_batch_size`, the compute `model.dtype` and the `cpu_layer`.
 
     Args:
       config: the configuration.
@@ -42,14 +46,24 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
 
     Returns:
       `metrics.segmentation_scores` plus `split`, `checkpoint` and `confusion_matrix`.
+
+    Raises:
+      ConfigError: the dataset has another number of classes than the checkpoint's model.
     """
+    config, _ = datasets.resolve(config)
     steps.validate_config(config)
-    model, variables, _ = checkpointing.load_model(checkpoint, config.cpu_layer)
+    model, variables, meta = checkpointing.load_model(checkpoint, config.cpu_layer)
+    if model.num_classes != config.num_classes:
+        raise steps.ConfigError(
+            f"{checkpoint} predicts {model.num_classes} classes but config.dataset={config.dataset!r} has "
+            f"{config.num_classes}"
+        )
+    class_names = classes.from_meta(meta).names
     model = model.clone(dtype=jnp.dtype(config.model.dtype))
-    builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
+    builder = datasets.get_builder(config)
     mesh = steps.create_mesh()
     eval_step = steps.make_eval_step(model, config, mesh)
-    scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh, sequence)
+    scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh, sequence, class_names)
     return {
         **scores,
         "split": split,
@@ -57,6 +71,26 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
         "checkpoint": os.path.abspath(checkpoint),
         "confusion_matrix": matrix.astype(int).tolist(),
     }
+
+
+def with_checkpoint_data(config, meta: dict, overrides: dict):
+    """`config` with the data settings the checkpoint records (`meta["data"]`, written by training), except
+    the keys in `overrides` (those given on the command line); `config` itself when it records none.
+
+    The number of classes and the void label then come from that data (`datasets.resolve`).
+    """
+    data = meta.get("data")
+    if not isinstance(data, dict):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key in ("dataset", "dataset_dir", "tfds_data_dir"):
+            if key in data and key not in overrides:
+                config[key] = data[key]
+        for key, value in (("num_classes", 0), ("ignore_label", -1)):
+            if key not in overrides:
+                config[key] = value
+    return config
 
 
 def plot_confusion(matrix, class_names, path: str, title: str = "") -> None:
@@ -105,13 +139,20 @@ def main(argv):
         raise app.UsageError(f"checkpoint {checkpoint} does not exist")
     name = FLAGS.sequence or FLAGS.split
     output = FLAGS.output or os.path.join(FLAGS.workdir or ".", f"eval_{name}.json")
-    result = evaluate_checkpoint(FLAGS.config, checkpoint, FLAGS.split, FLAGS.sequence)
+    config = FLAGS.config
+    try:
+        meta = checkpointing.load_variables(checkpoint)[1]
+        if not FLAGS["config"].present:
+            config = with_checkpoint_data(config, meta, config_flags.get_override_values(FLAGS["config"]))
+        result = evaluate_checkpoint(config, checkpoint, FLAGS.split, FLAGS.sequence)
+    except (steps.ConfigError, camvid.DatasetError, classes.ClassesError) as e:
+        sys.exit(f"error: {e}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     plot = os.path.splitext(output)[0] + ".png"
     title = f"{name}: mIoU {result['miou']:.4f} (rows normalised)"
-    plot_confusion(result["confusion_matrix"], camvid.CLASS_NAMES[: FLAGS.config.num_classes], plot, title)
+    plot_confusion(result["confusion_matrix"], list(result["per_class_iou"]), plot, title)
     print(f"{name} ({checkpoint}):\n{metrics.format_table(result)}\nwrote {output} and {plot}")
 
 

@@ -11,8 +11,8 @@ Formats (`FORMATS`):
   tflite        TFLite, float32 weights and compute.
   tflite_fp16   TFLite, float16 weights (computed in float32 unless a delegate chooses float16).
   tflite_int8   TFLite, full-integer post-training quantisation (weights per channel, activations per
-                tensor) calibrated on `--num_calibration` CamVid train images; uint8 input and float32 output
-                stay at the edges; activations equalised first (`equalize_activations`). 97-99% argmax
+                tensor) calibrated on `--num_calibration` train images of the dataset; uint8 input and float32
+                output stay at the edges; activations equalised first (`equalize_activations`). 97-99% argmax
                 agreement with the float model (see `FLOORS`).
   tflite_int8_mixed
                 TFLite, int8 like tflite_int8 except the layers whose rounding costs most agreement
@@ -35,16 +35,21 @@ at export (`--height`, `--width`): the network's resize and pooling matrices are
 static shapes, so they cannot be symbolic (jax2tf with a symbolic height fails with "TypeError: '_DimExpr'
 object cannot be interpreted as an integer").
 
-Every export is verified before it is reported as written: on `--num_verify` CamVid val images resized to the
-export size, its logits are compared with the JAX model's as this machine runs it (`predict`'s model: the
-backend's layer, `layer="auto"`) on max absolute error and per-pixel argmax agreement, against the floors in
-`FLOORS`. A failed verification removes the file and exits with an error.
+Every export is verified before it is reported as written: on `--num_verify` val images of the checkpoint's
+dataset (`dataset_images`: CamVid's for the shipped weights, the data a workdir was trained on otherwise)
+resized to the export size, its logits are compared with the JAX model's as this machine runs it (`predict`'s
+model: the backend's layer, `layer="auto"`) on max absolute error and per-pixel argmax agreement, against the
+floors in `FLOORS`. A failed verification removes the file and exits with an error. Beside the model goes
+`classes.json` (`CLASSES_FILE`): the class names, colours and void label the weights record, in the form of a
+dataset folder's `classes.json`, for whoever turns the logits' argmax into labels.
 
 TensorFlow is imported only by the formats that need it (SavedModel, TFLite, ONNX): the StableHLO export,
 the images it is verified on included, runs without it.
 """
 
 import dataclasses
+import io
+import json
 import os
 import pathlib
 import re
@@ -53,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from importlib import metadata
 
@@ -63,7 +69,7 @@ from absl import app, flags
 from jax import export as jax_export
 from PIL import Image
 
-from fastscnn_jax import checkpointing, cli
+from fastscnn_jax import checkpointing, classes, cli
 from fastscnn_jax.images import open_image
 
 FORMATS = (
@@ -76,7 +82,7 @@ FORMATS = (
     "stablehlo",
     "onnx",
 )
-# Post-training int8 quantisation calibrated on CamVid train images (after `equalize_activations`).
+# Post-training int8 quantisation calibrated on train images (after `equalize_activations`).
 INT8_FORMATS = ("tflite_int8", "tflite_int8_mixed")
 # File or folder name of each format under an `--format=all` output folder.
 FILE_NAMES = {
@@ -115,6 +121,8 @@ FLOORS = {
 
 
 JAX_ROW = "JAX model (jit, as predict.py runs it)"
+# Written beside the exported model(s): the classes of the weights (`classes.Classes.to_json`).
+CLASSES_FILE = "classes.json"
 
 
 class ExportError(RuntimeError):
@@ -312,19 +320,56 @@ def find_camvid_dir(dataset_dir: str = "") -> pathlib.Path:
     raise ExportError("no local CamVid folder found (--dataset_dir, $CAMVID_DIR or ../shared/camvid)")
 
 
-def camvid_images(split: str, count: int, height: int, width: int, dataset_dir: str = "") -> np.ndarray:
-    """`count` CamVid images of `split` (`<folder>/<split>/*.png`, by file name) spread evenly over it, as
-    uint8 [count, height, width, 3]; the folder is `find_camvid_dir(dataset_dir)`."""
-    root = find_camvid_dir(dataset_dir)
-    paths = sorted((root / split).glob("*.png"))
-    if len(paths) < count:
-        raise ExportError(f"CamVid {split} in {root} has {len(paths)} images, fewer than {count}")
-    picks = np.linspace(0, len(paths) - 1, count).round().astype(int)
+def _fit_all(sources, count: int, height: int, width: int) -> np.ndarray:
+    """Up to `count` of `sources` (paths or file objects) spread evenly over them, fitted to the size."""
+    picks = np.unique(np.linspace(0, len(sources) - 1, min(count, len(sources))).round().astype(int))
     fitted = []
     for i in picks:
-        with open_image(paths[i]) as image:
+        with open_image(sources[i]) as image:
             fitted.append(fit_image(np.asarray(image.convert("RGB")), height, width))
     return np.stack(fitted)
+
+
+def dataset_images(data: dict, split: str, count: int, height: int, width: int) -> np.ndarray:
+    """Up to `count` images of `split` of the dataset checkpoint metadata records (`meta["data"]`, as
+    training writes it; {} means CamVid, found as `find_camvid_dir` finds it), spread evenly over the split,
+    as uint8 [n, height, width, 3]. Reads the files directly, without TensorFlow.
+
+    Raises:
+      ExportError: the data is not found, or the split has no image.
+    """
+    dataset, dataset_dir = data.get("dataset", "camvid"), data.get("dataset_dir", "")
+    if dataset == "folder":
+        root = pathlib.Path(dataset_dir)
+        suffixes = (".png", ".jpg", ".jpeg")
+        sources = sorted(p for p in (root / split / "images").glob("*") if p.suffix.lower() in suffixes)
+    elif dataset == "cityscapes":
+        archive = pathlib.Path(dataset_dir) / "leftImg8bit_trainvaltest.zip"
+        if not archive.is_file():
+            raise ExportError(f"{archive}: missing (the Cityscapes images the export is verified on)")
+        with zipfile.ZipFile(archive) as zf:
+            names = sorted(
+                n for n in zf.namelist() if n.startswith(f"leftImg8bit/{split}/") and n.endswith(".png")
+            )
+            picks = np.unique(np.linspace(0, len(names) - 1, min(count, len(names))).round().astype(int))
+            sources = [io.BytesIO(zf.read(names[i])) for i in picks] if names else []
+        root = archive
+    else:
+        root = find_camvid_dir(dataset_dir)
+        sources = sorted((root / split).glob("*.png"))
+    if not sources:
+        raise ExportError(f"no {split} images in {root} ({dataset}) to verify or calibrate the export on")
+    return _fit_all(sources, count, height, width)
+
+
+def write_classes(meta: dict, path: str) -> str:
+    """Writes the weights' classes (`classes.from_meta`) as `CLASSES_FILE` in the folder of the exported
+    `path`; returns the file's path."""
+    folder = os.path.dirname(os.path.abspath(os.path.normpath(path)))
+    target = os.path.join(folder, CLASSES_FILE)
+    with open(target, "w") as f:
+        json.dump(classes.from_meta(meta).to_json(), f, indent=2)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------- exporters
@@ -617,7 +662,7 @@ def verify(format: str, path: str, images: np.ndarray, reference: np.ndarray) ->
         result.agreement >= floor.agreement
     ):
         raise ExportError(
-            f"{format} export {path} failed verification on {len(images)} CamVid val images: max abs logit "
+            f"{format} export {path} failed verification on {len(images)} val images: max abs logit "
             f"error {result.max_abs_error:.3g} (limit {floor.max_abs_error}), argmax agreement "
             f"{result.agreement:.4%} (floor {floor.agreement:.2%})"
         )
@@ -690,7 +735,7 @@ def report_table(
     packages = ("jax", "tensorflow-cpu", "tensorflow", "ai-edge-litert", "tf2onnx", "onnxruntime")
     versions = ", ".join(f"{p} {v}" for p in packages if (v := version(p)) != "not installed")
     lines = [
-        f"Input {height}x{width}; errors and agreement vs the JAX model on {num_verify} CamVid val images; "
+        f"Input {height}x{width}; errors and agreement vs the JAX model on {num_verify} val images; "
         f"latency: batch 1, median of {runs} runs (formats taking turns), {os.cpu_count()} CPU cores, "
         f"Python {sys.version.split()[0]}, {versions}.",
         "",
@@ -724,19 +769,25 @@ def main(argv):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
     height, width = FLAGS.height, FLAGS.width
     try:
-        verify_images = camvid_images("val", FLAGS.num_verify, height, width, FLAGS.dataset_dir)
-        calibration = None
-        if set(INT8_FORMATS) & set(formats):
-            calibration = camvid_images("train", FLAGS.num_calibration, height, width, FLAGS.dataset_dir)
-    except ExportError as e:
-        sys.exit(f"error: {e}")
-    try:
         # Every format from the plain core; the int8 ones from its equalised variables, computed once.
-        apply, variables, _ = build_model(FLAGS.checkpoint, "off")
+        apply, variables, meta = build_model(FLAGS.checkpoint, "off")
+        classes.from_meta(meta)  # Recorded classes that do not fit the model fail here, before any work.
         # The reference: the model as predict.py builds and runs it on this machine.
         jitted = jax.jit(bind(*build_model(FLAGS.checkpoint, "auto")[:2]))
-    except ValueError as e:  # not a weights file, or one without model settings: the message names it
+    except ValueError as e:  # not a weights file, one without model settings, bad classes: named
         sys.exit(f"error: {e}")
+    # The checkpoint's dataset, or the CamVid folder --dataset_dir names.
+    data = (
+        {"dataset": "camvid", "dataset_dir": FLAGS.dataset_dir} if FLAGS.dataset_dir else meta.get("data", {})
+    )
+    try:
+        verify_images = dataset_images(data, "val", FLAGS.num_verify, height, width)
+        calibration = None
+        if set(INT8_FORMATS) & set(formats):
+            calibration = dataset_images(data, "train", FLAGS.num_calibration, height, width)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    dataset = data.get("dataset", "camvid")
     equalized = None if calibration is None else equalize_activations(apply, variables, calibration)
     reference = np.asarray(jitted(verify_images))
     several = len(formats) > 1
@@ -762,9 +813,10 @@ def main(argv):
         results.append(result)
         print(
             f"wrote {path}: {format}, {result.size_bytes / 2**20:.2f} MiB; verified on {len(verify_images)} "
-            f"CamVid val images at {height}x{width}: max abs logit error {result.max_abs_error:.2g}, argmax "
-            f"agreement {result.agreement:.4%} ({time.perf_counter() - start:.1f} s)"
+            f"{dataset} val images at {height}x{width}: max abs logit error {result.max_abs_error:.2g}, "
+            f"argmax agreement {result.agreement:.4%} ({time.perf_counter() - start:.1f} s)"
         )
+    print(f"wrote {write_classes(meta, output_path(FLAGS.output, formats[0], several))}")
     if FLAGS.report:
         runners = {JAX_ROW: lambda x: np.asarray(jitted(x))}
         runners.update((r.format, load_runner(r.format, r.path)) for r in results)
@@ -796,9 +848,13 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("height", 360, "Input height of the exported model.")
     flags.DEFINE_integer("width", 480, "Input width of the exported model.")
-    flags.DEFINE_string("dataset_dir", "", "CamVid folder for calibration and verification (default: found).")
-    flags.DEFINE_integer("num_verify", 8, "CamVid val images each export is verified on.")
-    flags.DEFINE_integer("num_calibration", 64, "CamVid train images calibrating int8 quantisation.")
+    flags.DEFINE_string(
+        "dataset_dir",
+        "",
+        "CamVid folder for calibration and verification (default: the checkpoint's data, else CamVid found).",
+    )
+    flags.DEFINE_integer("num_verify", 8, "Val images (at most) each export is verified on.")
+    flags.DEFINE_integer("num_calibration", 64, "Train images (at most) calibrating int8 quantisation.")
     flags.DEFINE_string("report", "", "Also measure CPU latency and write a Markdown table here.")
     flags.DEFINE_integer("latency_runs", 20, "Timed runs per format for --report (median reported).")
 

@@ -87,36 +87,43 @@ def eval_batches(
     process_count: int = 1,
     sequence: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Full-resolution batches of a split (only the frames of `sequence`, if given), the last padded, with
-    `mask` marking real examples.
+    """Full-resolution batches of a split (only the frames of `sequence`, if given), padded, with `mask`
+    marking real examples.
 
-    Each process gets every `process_count`-th batch of the global sequence; all processes yield the same
-    number of batches (extra ones fully padded), so each example counts exactly once.
+    Each image is evaluated at its own size: a global batch (`batch_size` per process) holds consecutive
+    examples of one size, and a change of size starts the next one. Each process takes its slice of every
+    global batch, so all processes yield the same number of batches, of the same shape at each step (padded,
+    some fully), and each example counts exactly once.
     """
     ds = camvid.load_split(builder, split_name)
-    num_examples = builder.info.splits[split_name].num_examples
     if sequence:
         names = tfds.as_numpy(
             camvid.load_split(builder, split_name, decode=False).map(lambda ex: ex["file_name"])
         )
-        num_examples = sum(reader.sequence_of(name.decode()) == sequence for name in names)
-        if not num_examples:
+        if not any(reader.sequence_of(name.decode()) == sequence for name in names):
             raise camvid.DatasetError(f'sequence "{sequence}" has no frames in split "{split_name}"')
         prefix = tf.constant(f"{sequence}_")
         ds = ds.filter(lambda ex: tf.strings.substr(ex["file_name"], 0, len(sequence) + 1) == prefix)
-    num_batches = -(-num_examples // (batch_size * process_count)) * process_count
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"][..., 0], tf.int32)})
-    it = iter(tfds.as_numpy(ds.batch(batch_size).prefetch(2)))
-    template = None
-    for b in range(num_batches):
-        batch = next(it, None)
-        if batch is None:
-            batch = {k: v[:0] for k, v in template.items()}
-        template = batch
-        if b % process_count != process_index:
-            continue
-        real = len(batch["image"])
-        pad = batch_size - real
-        out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-        out["mask"] = np.arange(batch_size) < real
-        yield out
+    global_batch = batch_size * process_count
+
+    def local(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """This process's slice of a global batch of same-size examples, padded to `batch_size`."""
+        mine = examples[process_index * batch_size : (process_index + 1) * batch_size]
+        out = {
+            key: np.stack(
+                [ex[key] for ex in mine] + [np.zeros_like(examples[0][key])] * (batch_size - len(mine))
+            )
+            for key in ("image", "label")
+        }
+        out["mask"] = np.arange(batch_size) < len(mine)
+        return out
+
+    pending: list[dict[str, np.ndarray]] = []
+    for example in tfds.as_numpy(ds.prefetch(2)):
+        if pending and (len(pending) == global_batch or pending[0]["image"].shape != example["image"].shape):
+            yield local(pending)
+            pending = []
+        pending.append(example)
+    if pending:
+        yield local(pending)

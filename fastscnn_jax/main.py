@@ -1,4 +1,4 @@
-r"""Trains and evaluates Fast-SCNN on CamVid.
+r"""Trains and evaluates Fast-SCNN on CamVid, Cityscapes or a folder of your own images and masks.
 
   python -m fastscnn_jax.main --config=configs/camvid.py --workdir=runs/camvid
 

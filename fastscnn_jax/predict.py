@@ -3,8 +3,11 @@ r"""Segments photos with a trained Fast-SCNN; by default the CamVid weights ship
   python -m fastscnn_jax.predict --input=photo.jpg --output=out/
   python -m fastscnn_jax.predict --input='frames/*.png' --output=out/ --checkpoint=runs/camvid
 
-For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color.png` (CamVid palette) and
-`<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png` once.
+For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color.png` (the classes' colours)
+and `<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png`
+once.
+The class names and colours are those the weights record (`classes.from_meta`): CamVid's for the shipped
+weights, those of the dataset trained on for a workdir.
 Any size and mode is accepted (RGB, RGBA, grayscale, palette, 16-bit, JPEG with EXIF orientation); files that
 are not images are skipped with a message and the rest are still processed. Files are identified by their
 content, not their extension, and only common raster formats are decoded (`images.IMAGE_FORMATS`); an image of
@@ -61,29 +64,31 @@ def load_rgb(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """CamVid palette colours [H, W, 3] of a class-index mask."""
-    return classes.PALETTE[np.minimum(mask, len(classes.PALETTE) - 1)]
+def colorize(mask: np.ndarray, class_info: classes.Classes = classes.CAMVID) -> np.ndarray:
+    """The classes' colours [H, W, 3] of a class-index mask (void and other values in `ignore_color`)."""
+    palette = np.concatenate([class_info.palette, np.asarray([class_info.ignore_color], np.uint8)])
+    return palette[np.minimum(mask, len(palette) - 1)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, alpha: float, class_info: classes.Classes = classes.CAMVID
+) -> np.ndarray:
     """The photo with the mask's colours blended in at `alpha`."""
     # Integer arithmetic (weights in 1/256) keeps a 24-megapixel image at a few bytes a pixel.
     a = int(round(alpha * 256))
-    blended = (256 - a) * image.astype(np.uint16) + a * colorize(mask).astype(np.uint16) + 128
+    blended = (256 - a) * image.astype(np.uint16) + a * colorize(mask, class_info).astype(np.uint16) + 128
     return (blended >> 8).astype(np.uint8)
 
 
-def legend(num_classes: int) -> Image.Image:
+def legend(class_info: classes.Classes = classes.CAMVID) -> Image.Image:
     """A swatch and name per class."""
     row = 22
-    image = Image.new("RGB", (190, row * num_classes + 8), "white")
+    width = 70 + 7 * max(len(name) for name in class_info.names)
+    image = Image.new("RGB", (max(190, width), row * class_info.num_classes + 8), "white")
     draw = ImageDraw.Draw(image)
-    for i, name in enumerate(classes.CLASS_NAMES[:num_classes]):
+    for i, (name, color) in enumerate(zip(class_info.names, class_info.colors, strict=True)):
         y = 4 + i * row
-        draw.rectangle(
-            [6, y, 36, y + row - 6], fill=tuple(int(c) for c in classes.PALETTE[i]), outline="black"
-        )
+        draw.rectangle([6, y, 36, y + row - 6], fill=tuple(color), outline="black")
         draw.text((46, y + 2), f"{i:2d} {name}", fill="black")
     return image
 
@@ -94,8 +99,9 @@ class Segmenter:
     def __init__(self, checkpoint: str, layer: str = "auto"):
         """Loads the weights and builds the model they were trained as (`checkpointing.load_model`), with
         `layer`'s forms ('auto': the CPU layer on a CPU)."""
-        model, self.variables, _ = checkpointing.load_model(checkpoint, layer)
+        model, self.variables, meta = checkpointing.load_model(checkpoint, layer)
         self.num_classes = model.num_classes
+        self.classes = classes.from_meta(meta)
         self._classes = jax.jit(
             lambda variables, batch: jnp.argmax(model.apply(variables, batch, train=False), -1).astype(
                 jnp.uint8
@@ -139,7 +145,7 @@ def predict_files(
 ) -> list[str]:
     """Segments each file into `output`; returns the files that were skipped, with why."""
     os.makedirs(output, exist_ok=True)
-    legend(segmenter.num_classes).save(os.path.join(output, "legend.png"))
+    legend(segmenter.classes).save(os.path.join(output, "legend.png"))
     skipped = []
     for path, name in zip(paths, output_stems(paths), strict=True):
         try:
@@ -155,8 +161,8 @@ def predict_files(
         mask = segmenter(image, max_side)
         stem = os.path.join(output, name)
         Image.fromarray(mask).save(f"{stem}_mask.png")
-        Image.fromarray(colorize(mask)).save(f"{stem}_color.png")
-        Image.fromarray(overlay(image, mask, alpha)).save(f"{stem}_overlay.png")
+        Image.fromarray(colorize(mask, segmenter.classes)).save(f"{stem}_color.png")
+        Image.fromarray(overlay(image, mask, alpha, segmenter.classes)).save(f"{stem}_overlay.png")
         print(f"{path} -> {stem}_{{mask,color,overlay}}.png")
     return skipped
 
@@ -175,7 +181,7 @@ def main(argv):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
     try:
         segmenter = Segmenter(FLAGS.checkpoint)
-    except ValueError as e:  # not a weights file, or one without model settings: the message names it
+    except ValueError as e:  # not a weights file, one without model settings, bad classes: named
         sys.exit(f"error: {e}")
     skipped = predict_files(paths, FLAGS.output, segmenter, FLAGS.max_side, FLAGS.alpha)
     print(f"{len(paths) - len(skipped)} image(s) segmented into {FLAGS.output}, {len(skipped)} skipped")

@@ -25,9 +25,11 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastscnn_jax import augmentation, classes, losses, metrics, models
+from fastscnn_jax import augmentation, losses, metrics, models
 
 CPU_LAYER_CHOICES = ("auto", "on", "off")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("one_cycle", "poly")
 
 
 class ConfigError(ValueError):
@@ -142,13 +144,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
     if config.learning_rate <= 0:
         raise ConfigError(f"config.learning_rate={config.learning_rate} must be > 0")
-    if config.num_classes != classes.NUM_CLASSES:
+    # The dataset's own classes are checked against these by `datasets.resolve`.
+    if config.num_classes < 1:
+        raise ConfigError(f"config.num_classes={config.num_classes} must be >= 1")
+    if not 0 <= config.ignore_label <= 255 or config.ignore_label < config.num_classes:
         raise ConfigError(
-            f"config.num_classes={config.num_classes} does not match CamVid's {classes.NUM_CLASSES} classes"
+            f"config.ignore_label={config.ignore_label} must be in {config.num_classes}..255: a value no "
+            "class has, in an 8-bit mask"
         )
-    if config.ignore_label != classes.IGNORE_LABEL:
+    if config.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"config.optimizer={config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
-            f"config.ignore_label={config.ignore_label} must be CamVid's {classes.IGNORE_LABEL}"
+            f"config.lr_schedule={config.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"
         )
     if len(config.crop_size) != 2 or min(config.crop_size) < 1:
         raise ConfigError(f"config.crop_size={tuple(config.crop_size)} must be (height, width), both >= 1")
@@ -216,7 +224,15 @@ def create_model(config: ml_collections.ConfigDict, layer: Layer = CORE) -> mode
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
-    """One-cycle schedule: linear warm-up for `warmup_pct` of the steps, then cosine decay."""
+    """`config.lr_schedule`: 'one_cycle' (linear warm-up for `warmup_pct` of the steps, then cosine decay) or
+    'poly' (the Fast-SCNN paper's: `learning_rate * (1 - step / num_train_steps) ** poly_power`)."""
+    if config.lr_schedule == "poly":
+        return optax.polynomial_schedule(
+            init_value=config.learning_rate,
+            end_value=0.0,
+            power=config.poly_power,
+            transition_steps=max(num_train_steps, 1),
+        )
     warmup_steps = int(config.warmup_pct * num_train_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=config.learning_rate * config.initial_lr_fraction,
@@ -228,7 +244,15 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, num_train_steps: 
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
-    """Global-norm clipping then AdamW; weight decay on convolution kernels only, not on BN or biases."""
+    """Global-norm clipping then `config.optimizer`: AdamW, or SGD with momentum and L2 weight decay (the
+    Fast-SCNN paper's); weight decay on convolution kernels only, not on BN or biases."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    if config.optimizer == "sgd":
+        return optax.chain(
+            optax.clip_by_global_norm(config.grad_clip_norm),
+            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            optax.sgd(learning_rate_fn, momentum=config.momentum),
+        )
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
         optax.adamw(
@@ -236,7 +260,7 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
             b1=config.adam_b1,
             b2=config.adam_b2,
             weight_decay=config.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+            mask=decay_mask,
         ),
     )
 

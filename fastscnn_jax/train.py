@@ -20,13 +20,24 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastscnn_jax import camvid, checkpointing, input_pipeline, losses, metrics, multihost, steps
+from fastscnn_jax import camvid, checkpointing, datasets, input_pipeline, losses, metrics, multihost, steps
 
 
 def evaluate(
-    eval_step_fn, variables: dict, builder, split: str, config, mesh: Mesh, sequence: str = ""
+    eval_step_fn,
+    variables: dict,
+    builder,
+    split: str,
+    config,
+    mesh: Mesh,
+    sequence: str = "",
+    class_names: tuple[str, ...] = (),
 ) -> tuple[dict, np.ndarray]:
-    """Scores of `variables` on a whole split (only the frames of `sequence`, if given) at full resolution.
+    """Scores of `variables` on a whole split (only the frames of `sequence`, if given) at full resolution,
+    each image at its own size.
+
+    Args:
+      class_names: the names of the classes in the scores; default those of `config.dataset`.
 
     Returns:
       (scores dict as `metrics.segmentation_scores` gives it, confusion matrix).
@@ -39,7 +50,8 @@ def evaluate(
         step_metrics = eval_step_fn(variables, steps.shard_batch(batch, mesh))
         total = step_metrics if total is None else total.merge(step_metrics)
     matrix = total.compute()["confusion"]
-    return metrics.segmentation_scores(matrix, camvid.CLASS_NAMES[: config.num_classes]), matrix
+    class_names = class_names or datasets.dataset_classes(config).names
+    return metrics.segmentation_scores(matrix, class_names), matrix
 
 
 class Preemption:
@@ -112,7 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, evaluating and checkpointing periodically; resumes from `workdir` when it has checkpoints.
 
     Args:
-      config: hyperparameters (see configs/camvid.py).
+      config: hyperparameters (see configs/camvid.py); `num_classes` and `ignore_label` are the dataset's
+        (`datasets.resolve`).
       workdir: checkpoints, TensorBoard events and `eval_<name>.json` (the scores at the best step: `val`,
         and the held-out sequence's when `config.holdout_sequence` is set) go here.
 
@@ -120,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scores of the best evaluation of the held-out sequence if any, else of `config.eval_split`
       (`metrics.segmentation_scores` plus `step`).
     """
+    config, class_info = datasets.resolve(config)
     steps.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = steps.create_mesh()
@@ -132,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
-    builder = camvid.get_builder(config.dataset_dir, config.tfds_data_dir or None, config.download_url)
+    builder = datasets.get_builder(config)
     # 'train+val' trains on both splits, as the published CamVid results are trained; val then measures fit.
     try:
         train_split = input_pipeline.read_split(builder, config.train_split, config.ignore_label)
@@ -178,6 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
         state, meta = checkpoints.restore_state(state)
         logging.info("Resuming from step %d (checkpoint in %s)", int(state.step), workdir)
+    # The classes travel with the weights (predict's colours, evaluate's names); the data settings let
+    # evaluate and export find the data of this workdir with no other flag.
+    meta.update(classes=class_info.to_json(), data=datasets.data_settings(config))
     start_step = int(state.step)
 
     # Process 0 writes the job's summaries; the others' writer discards them.
@@ -219,9 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     raise FloatingPointError(
                         f"train loss is {loss} at step {step}; stopping. {_kept(checkpoints, workdir)}"
                     )
-                scores = metrics.segmentation_scores(
-                    computed["confusion"], camvid.CLASS_NAMES[: config.num_classes]
-                )
+                scores = metrics.segmentation_scores(computed["confusion"], class_info.names)
                 writer.write_scalars(
                     step,
                     {
@@ -245,7 +260,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with report_progress.timed("eval"):
                     for prefix, candidate in candidates.items():
                         for name, split, sequence in targets:
-                            scored = evaluate(p_eval_step, candidate, builder, split, config, mesh, sequence)
+                            scored = evaluate(
+                                p_eval_step,
+                                candidate,
+                                builder,
+                                split,
+                                config,
+                                mesh,
+                                sequence,
+                                class_info.names,
+                            )
                             (raw_results if prefix else results)[name] = scored
                 for name, (scores, _) in raw_results.items():
                     writer.write_scalars(step, {f"raw_{name}_miou": scores["miou"]})

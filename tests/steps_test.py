@@ -25,7 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     [
         ("batch_size", 0, "config.batch_size"),
         ("learning_rate", -1.0, "config.learning_rate"),
-        ("num_classes", 19, "config.num_classes"),
+        ("num_classes", 0, "config.num_classes"),
+        ("ignore_label", 5, "config.ignore_label"),
+        ("optimizer", "adam", "config.optimizer"),
+        ("lr_schedule", "cosine", "config.lr_schedule"),
         ("crop_size", (0, 10), "config.crop_size"),
         ("class_weighting", "bogus", "class_weighting"),
     ],
@@ -48,6 +51,23 @@ def test_learning_rate_is_one_cycle():
     assert float(fn(10)) == pytest.approx(peak, rel=1e-5)
     assert float(fn(100)) == pytest.approx(peak * config.final_lr_fraction, rel=1e-3)
     assert float(fn(50)) < float(fn(20))
+
+
+def test_poly_schedule_and_sgd():
+    """The paper's recipe: lr * (1 - step / total) ** 0.9, and SGD with momentum and L2 weight decay on
+    kernels only (one step from zero momentum: -lr * (grad + decay * param) for a kernel, -lr * grad else)."""
+    config = tiny.get_config()
+    config.update(optimizer="sgd", lr_schedule="poly", learning_rate=0.1, poly_power=0.9, weight_decay=0.5)
+    fn = steps.create_learning_rate_fn(config, 100)
+    assert float(fn(0)) == pytest.approx(0.1)
+    assert float(fn(50)) == pytest.approx(0.1 * 0.5**0.9, rel=1e-5)
+    assert float(fn(100)) == pytest.approx(0.0, abs=1e-9)
+    optimizer = steps.create_optimizer(config, fn)
+    params = {"kernel": jnp.full((1, 1, 1, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+    grads = {"kernel": jnp.full((1, 1, 1, 2), 0.1), "bias": jnp.full((2,), 0.1)}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * (0.1 + 0.5 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["bias"], -0.1 * 0.1, rtol=1e-6)
 
 
 def _gradient_tree(scale: float) -> dict:
