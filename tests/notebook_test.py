@@ -164,7 +164,7 @@ def test_exported_verified_tflite(executed):
     path = workdir / "export" / export.FILE_NAMES["tflite"]
     assert path.is_file() and path.stat().st_size > 0
     out = text(cell(nb, "export"))
-    assert f"wrote {path}: tflite," in out and "verified on 8 CamVid val images at 64x96" in out
+    assert f"wrote {path}: tflite," in out and "verified on 8 camvid val images at 64x96" in out
 
 
 @pytest.mark.parametrize("cell_id", sorted(FIGURES))
