@@ -8,8 +8,7 @@ bash scripts/setup.sh
 # Transparent huge pages for XLA:CPU's large buffers, in the tests and the programs they start: the same
 # results, less time faulting in fresh pages (benchmarks/README.md); glibc ignores it where unsupported.
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
-# Three workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
-# most tests spend their time in single-threaded XLA compiles, so on 2 cores a third worker keeps both busy
-# more of the time (benchmarks/README.md has the suite times). PYTEST_WORKERS=0 runs everything in this
-# process.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"
+# Two workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
+# most tests wait on one single-threaded XLA compile at a time, so two take about 80% of the time one does
+# on 2 cores. PYTEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
