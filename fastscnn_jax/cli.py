@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -24,3 +24,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         sys.exit(f"error: bad config override {' '.join(bad) or ''}: {message}")
+
+
+class _QuietOrbax(logging.logging.Filter):
+    """Drops orbax's per-save INFO chatter (dozens of lines a checkpoint); its warnings still show."""
+
+    def filter(self, record) -> bool:
+        """Keeps warnings and everything not from orbax."""
+        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax() -> None:
+    """Installs `_QuietOrbax` on absl's log handler."""
+    logging.get_absl_handler().addFilter(_QuietOrbax())

@@ -1,19 +1,39 @@
 """Which dataset a config trains on: `config.dataset` is 'camvid', 'folder' (your own images and masks) or
-'cityscapes'. Each has its TFDS builder module; this one picks it, and gives the dataset's classes.
+'cityscapes'. This module gives the dataset's classes and the data settings a checkpoint records, without
+TensorFlow; `sources` opens the data itself.
 
-All three store the same features ('image', 'label' as class indices, 'file_name'), so the input pipeline,
-the training loop and evaluation are the same for every dataset.
+All three are prepared by TFDS builders (`camvid`, `folder`, `cityscapes`) with the same features ('image',
+'label' as class indices, 'file_name'), so the input pipeline, the training loop and evaluation are the same
+for every dataset.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 
 import ml_collections
 
-from fastscnn_jax import camvid, cityscapes, classes, folder, steps
+from fastscnn_jax import camvid_folder, classes, steps
 
 DATASETS = ("camvid", "folder", "cityscapes")
+# The classes of a folder dataset (README's "Your own data").
+CLASSES_FILE = "classes.json"
+
+
+def read_classes(root: str | os.PathLike) -> classes.Classes:
+    """The classes of a dataset folder, from its `classes.json`.
+
+    Raises:
+      DatasetError: the folder or its `classes.json` is missing, or the file is malformed, naming it.
+    """
+    root = pathlib.Path(root).expanduser()
+    if not root.is_dir():
+        raise camvid_folder.DatasetError(f"config.dataset_dir={root} is not a folder")
+    try:
+        return classes.Classes.read(root / CLASSES_FILE)
+    except classes.ClassesError as e:
+        raise camvid_folder.DatasetError(str(e)) from None
 
 
 def dataset_classes(config: ml_collections.ConfigDict) -> classes.Classes:
@@ -28,7 +48,7 @@ def dataset_classes(config: ml_collections.ConfigDict) -> classes.Classes:
     if config.dataset == "cityscapes":
         return classes.CITYSCAPES
     if config.dataset == "folder":
-        return folder.read_classes(config.dataset_dir)
+        return read_classes(config.dataset_dir)
     raise steps.ConfigError(f"config.dataset={config.dataset!r}: expected one of {', '.join(DATASETS)}")
 
 
@@ -58,16 +78,6 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
     resolved.num_classes = found.num_classes
     resolved.ignore_label = found.ignore_label
     return resolved, found
-
-
-def get_builder(config: ml_collections.ConfigDict):
-    """The prepared TFDS builder of `config.dataset` (`camvid`, `folder` or `cityscapes`'s `get_builder`)."""
-    data_dir = config.tfds_data_dir or None
-    if config.dataset == "folder":
-        return folder.get_builder(config.dataset_dir, data_dir)
-    if config.dataset == "cityscapes":
-        return cityscapes.get_builder(config.dataset_dir, data_dir)
-    return camvid.get_builder(config.dataset_dir, data_dir, config.download_url)
 
 
 def data_settings(config: ml_collections.ConfigDict) -> dict:

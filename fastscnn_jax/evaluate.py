@@ -22,11 +22,10 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from fastscnn_jax import camvid, checkpointing, classes, cli, datasets, metrics, steps, train
+from fastscnn_jax import camvid_folder, checkpointing, classes, cli, datasets, metrics, sources, steps, train
 
 FLAGS = flags.FLAGS
 
@@ -60,10 +59,10 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
         )
     class_names = classes.from_meta(meta).names
     model = model.clone(dtype=jnp.dtype(config.model.dtype))
-    builder = datasets.get_builder(config)
+    source = sources.open_source(config)
     mesh = steps.create_mesh()
     eval_step = steps.make_eval_step(model, config, mesh)
-    scores, matrix = train.evaluate(eval_step, variables, builder, split, config, mesh, sequence, class_names)
+    scores, matrix = train.evaluate(eval_step, variables, source, split, config, mesh, sequence, class_names)
     return {
         **scores,
         "split": split,
@@ -133,7 +132,7 @@ def main(argv):
     """Evaluates and writes the JSON report."""
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    tf.config.set_visible_devices([], "GPU")  # tf.data only: TensorFlow must not take GPU memory
+    sources.keep_tensorflow_off_accelerators()
     checkpoint = FLAGS.checkpoint or FLAGS.workdir or checkpointing.DEFAULT_WEIGHTS
     if not os.path.exists(checkpoint):
         raise app.UsageError(f"checkpoint {checkpoint} does not exist")
@@ -145,7 +144,7 @@ def main(argv):
         if not FLAGS["config"].present:
             config = with_checkpoint_data(config, meta, config_flags.get_override_values(FLAGS["config"]))
         result = evaluate_checkpoint(config, checkpoint, FLAGS.split, FLAGS.sequence)
-    except (steps.ConfigError, camvid.DatasetError, classes.ClassesError) as e:
+    except (steps.ConfigError, camvid_folder.DatasetError, classes.ClassesError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

@@ -26,26 +26,11 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fastscnn_jax import camvid, camvid_folder, classes
+from fastscnn_jax import camvid, camvid_folder, classes, datasets
 
-CLASSES_FILE = "classes.json"
+CLASSES_FILE = datasets.CLASSES_FILE
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def read_classes(root: str | os.PathLike) -> classes.Classes:
-    """The classes of a dataset folder, from its `classes.json`.
-
-    Raises:
-      DatasetError: the folder or its `classes.json` is missing, or the file is malformed, naming it.
-    """
-    root = pathlib.Path(root).expanduser()
-    if not root.is_dir():
-        raise camvid.DatasetError(f"config.dataset_dir={root} is not a folder")
-    try:
-        return classes.Classes.read(root / CLASSES_FILE)
-    except classes.ClassesError as e:
-        raise camvid.DatasetError(str(e)) from None
 
 
 def available_splits(root: str | os.PathLike) -> list[str]:
@@ -167,7 +152,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, source_dir: str | os.PathLike, **kwargs):
         """Builder of the folder `source_dir`; `kwargs` go to tfds (data_dir, ...)."""
         self._source_dir = pathlib.Path(source_dir).expanduser().resolve()
-        self._classes = read_classes(self._source_dir)
+        self._classes = datasets.read_classes(self._source_dir)
         digest = hashlib.sha256(str(self._source_dir).encode())
         digest.update((self._source_dir / CLASSES_FILE).read_bytes())
         config = tfds.core.BuilderConfig(

@@ -1,5 +1,5 @@
-"""tf.data input pipelines, where TensorFlow is installed: the training stream of whole examples and
-full-resolution evaluation batches.
+"""tf.data input pipelines, where TensorFlow is installed: the prepared TFDS dataset of a config, the
+training stream of whole examples and full-resolution evaluation batches.
 
 A prepared TFDS split is decoded once into a `reader.InMemorySplit` (each example on the split's canvas, with
 its size). `train_dataset` batches it in tf.data's threads, in the order `reader.batch_examples` fixes, so it
@@ -15,7 +15,17 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from fastscnn_jax import camvid, reader
+from fastscnn_jax import camvid, cityscapes, folder, reader
+
+
+def get_builder(config):
+    """The prepared TFDS builder of `config.dataset` (`camvid`, `folder` or `cityscapes`'s `get_builder`)."""
+    data_dir = config.tfds_data_dir or None
+    if config.dataset == "folder":
+        return folder.get_builder(config.dataset_dir, data_dir)
+    if config.dataset == "cityscapes":
+        return cityscapes.get_builder(config.dataset_dir, data_dir)
+    return camvid.get_builder(config.dataset_dir, data_dir, config.download_url)
 
 
 def read_split(builder, split: str, ignore_label: int) -> reader.InMemorySplit:

@@ -11,11 +11,10 @@ import os
 import sys
 
 import jax
-import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fastscnn_jax import camvid, checkpointing, cli, multihost, steps, train
+from fastscnn_jax import camvid_folder, checkpointing, cli, multihost, sources, steps, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, summaries and results; default runs/<config file name>.")
@@ -42,27 +41,18 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", name)
 
 
-class _QuietOrbax(logging.logging.Filter):
-    """Drops orbax's per-save INFO chatter (dozens of lines a checkpoint); its warnings still show."""
-
-    def filter(self, record) -> bool:
-        """Keeps warnings and everything not from orbax."""
-        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     """Sets up the process and runs training."""
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    cli.quiet_orbax()
     try:
         multihost.initialize(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
         )
     except ValueError as e:
         sys.exit(f"error: {e}")
-    # tf.data only: TensorFlow must not take GPU memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
+    sources.keep_tensorflow_off_accelerators()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     if jax.process_index() == 0:
         print(f"workdir: {os.path.abspath(workdir)}", flush=True)
@@ -74,7 +64,12 @@ def main(argv):
     )
     try:
         train.train_and_evaluate(FLAGS.config, workdir)
-    except (steps.ConfigError, camvid.DatasetError, checkpointing.CheckpointError, FloatingPointError) as e:
+    except (
+        steps.ConfigError,
+        camvid_folder.DatasetError,
+        checkpointing.CheckpointError,
+        FloatingPointError,
+    ) as e:
         # Mistakes in the command, config or data, checkpoints that do not restore, a diverged run: the
         # message names the key, file or step, and what was kept; a traceback would add nothing.
         sys.exit(f"error: {e}")

@@ -116,6 +116,24 @@ class InMemorySplit:
         return counts
 
 
+def concatenate(splits: Sequence[InMemorySplit], ignore_label: int) -> InMemorySplit:
+    """The examples of `splits` in order, on a canvas as large as the largest of theirs."""
+    if len(splits) == 1:
+        return splits[0]
+    height = max(s.images.shape[1] for s in splits)
+    width = max(s.images.shape[2] for s in splits)
+    images = np.zeros((sum(map(len, splits)), height, width, 3), np.uint8)
+    labels = np.full(images.shape[:3], ignore_label, np.uint8)
+    first = 0
+    for s in splits:
+        h, w = s.images.shape[1:3]
+        images[first : first + len(s), :h, :w] = s.images
+        labels[first : first + len(s), :h, :w] = s.labels
+        first += len(s)
+    sizes = np.concatenate([s.sizes for s in splits])
+    return InMemorySplit(images, labels, sizes, [name for s in splits for name in s.names])
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a bijective, well-mixed hash of uint64 values."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

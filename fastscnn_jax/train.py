@@ -1,7 +1,8 @@
 """The training loop: data, periodic evaluation and checkpoints, resume, preemption.
 
-The model, loss and steps it runs are built by the factories of `steps`; this module adds what needs the
-data pipeline (TensorFlow), so that those import without it.
+The model, loss and steps it runs are built by the factories of `steps`; the data comes from `sources`
+(tf.data where TensorFlow is installed, else a CamVid folder read with numpy) and the summaries go where
+`summaries` says, so the loop runs with or without TensorFlow.
 """
 
 import json
@@ -15,18 +16,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastscnn_jax import camvid, checkpointing, datasets, input_pipeline, losses, metrics, multihost, steps
+from fastscnn_jax import (
+    camvid_folder,
+    checkpointing,
+    datasets,
+    losses,
+    metrics,
+    multihost,
+    sources,
+    steps,
+    summaries,
+)
 
 
 def evaluate(
     eval_step_fn,
     variables: dict,
-    builder,
+    source: sources.TFDSSource | sources.FolderSource,
     split: str,
     config,
     mesh: Mesh,
@@ -44,9 +55,7 @@ def evaluate(
     """
     local_batch = config.eval_batch_size // jax.process_count()
     total = None
-    for batch in input_pipeline.eval_batches(
-        builder, split, local_batch, jax.process_index(), jax.process_count(), sequence
-    ):
+    for batch in source.eval_batches(split, local_batch, jax.process_index(), jax.process_count(), sequence):
         step_metrics = eval_step_fn(variables, steps.shard_batch(batch, mesh))
         total = step_metrics if total is None else total.merge(step_metrics)
     matrix = total.compute()["confusion"]
@@ -146,11 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
-    builder = datasets.get_builder(config)
+    source = sources.open_source(config)
     # 'train+val' trains on both splits, as the published CamVid results are trained; val then measures fit.
     try:
-        train_split = input_pipeline.read_split(builder, config.train_split, config.ignore_label)
-    except camvid.DatasetError as e:
+        train_split = source.read(config.train_split)
+    except camvid_folder.DatasetError as e:
         raise steps.ConfigError(f"config.train_split={config.train_split!r}: {e}") from None
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
     # sequence with train and flatters the model; a whole train sequence held out of training measures what
@@ -198,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(state.step)
 
     # Process 0 writes the job's summaries; the others' writer discards them.
-    writer = metric_writers.create_default_writer(workdir) if is_chief else metric_writers.MultiWriter([])
+    writer = summaries.create_writer(workdir, is_chief)
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
@@ -208,16 +217,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     p_eval_step = steps.make_eval_step(model, config, mesh)
     local_batch = config.batch_size // jax.process_count()
-    train_iter = input_pipeline.train_dataset(
+    train_iter = source.train_batches(
         train_split,
         config,
         local_batch_size=local_batch,
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-    ).as_numpy_iterator()
+    )
 
-    report_progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
+    report_progress = summaries.create_progress(num_train_steps, writer)
     train_metrics = None
     best_scores = None
     logging.info("Training from step %d to %d.", start_step, num_train_steps)
@@ -263,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             scored = evaluate(
                                 p_eval_step,
                                 candidate,
-                                builder,
+                                source,
                                 split,
                                 config,
                                 mesh,

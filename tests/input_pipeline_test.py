@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from fastscnn_jax import camvid, input_pipeline, reader
+from fastscnn_jax import camvid, input_pipeline, reader, sources
 from tests.conftest import make_fake_camvid
 
 VOID = camvid.IGNORE_LABEL
@@ -173,3 +173,22 @@ def test_read_split_decodes_the_prepared_split(fake_data):
     np.testing.assert_array_equal(folder.labels, split.labels)
     with pytest.raises(ValueError):
         reader.InMemorySplit.from_examples([], [], [], VOID)
+
+
+def test_both_sources_give_the_same_data(fake_data):
+    """`sources.FolderSource` (no TensorFlow) gives the TFDS source's decoded 'train+val', train first, and
+    its eval batches of val, so a run reads the same data with or without TensorFlow."""
+    root, builder, _ = fake_data
+    config = tiny.get_config()
+    config.dataset_dir = str(root)
+    folder, tfds_source = sources.FolderSource(config), sources.TFDSSource(config, builder)
+    both, expected = folder.read("train+val"), tfds_source.read("train+val")
+    assert len(both) == N_TRAIN + N_VAL and both.names == expected.names
+    assert both.names[:N_TRAIN] == folder.read("train").names
+    for key in ("images", "labels", "sizes"):
+        np.testing.assert_array_equal(getattr(both, key), getattr(expected, key))
+    for a, b in zip(
+        folder.eval_batches("val", 2, 0, 1), tfds_source.eval_batches("val", 2, 0, 1), strict=True
+    ):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])

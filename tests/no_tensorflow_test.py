@@ -1,5 +1,5 @@
-"""The core without TensorFlow: the reader and the augmenting train step, predict, the benchmark's model rows
-and the StableHLO export.
+"""The core without TensorFlow: training (the loop, reading a CamVid folder), predict, the benchmark's model
+rows and the StableHLO export.
 
 Each check runs in a subprocess whose PYTHONPATH starts with a folder holding `tensorflow` and
 `tensorflow_datasets` packages that raise ImportError when imported, as if neither were installed. The
@@ -46,45 +46,6 @@ RUN_MODULE = ASSERT_BLOCKED + textwrap.dedent(
     """
 )
 
-# A few train steps of configs/tiny.py on a fake CamVid folder (argv[1]) as training runs them: whole examples
-# from the numpy reader, augmented inside the train step.
-TRAIN_STEPS = ASSERT_BLOCKED + textwrap.dedent(
-    """
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from configs import tiny
-    from fastscnn_jax import reader, steps
-
-    config = tiny.get_config()
-    config.min_scale, config.max_scale = 0.75, 1.5  # the fake images are crop-sized
-    steps.validate_config(config)
-    split = reader.InMemorySplit.from_folder(sys.argv[1], "train", config.ignore_label)
-    layer = steps.select_layer(config.cpu_layer)
-    model = steps.create_model(config, layer)
-    optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, config.num_train_steps))
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    mesh = steps.create_mesh()
-    state = steps.create_train_state(config, model, init_rng, optimizer, layer)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    train_step = steps.make_train_step(config, None, dropout_rng, mesh, layer, augment=True)
-    batches = reader.train_batches(split, config, local_batch_size=config.batch_size)
-    first = next(batches)
-    assert first["image"].shape == (config.batch_size, 64, 96, 3), first["image"].shape
-    losses = []
-    for batch in [first] * 4 + [next(batches)]:
-        state, step_metrics = train_step(state, steps.shard_batch(batch, mesh))
-        losses.append(float(step_metrics.compute()["loss"]))
-    print("layer", layer.name, "losses", losses)
-    assert np.all(np.isfinite(losses)), losses
-    assert losses[3] < losses[0], losses  # the same examples, augmented alike: the loss goes down
-    assert bool(steps.all_finite(state.params))
-    assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -109,13 +70,44 @@ def test_blocker_blocks(env):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_train_steps_run_from_the_reader(env, tmp_path):
-    """configs/tiny.py trains a few steps on a CamVid folder with `reader` and `steps` alone (the backend's
-    layer, the augmentation in the step); the loss is finite and falls on repeated examples."""
-    folder = make_fake_camvid(tmp_path / "camvid", splits=("train",), n=6, size=(64, 96))
-    result = _python(env, "-c", TRAIN_STEPS, str(folder))
+def test_training_runs_from_a_camvid_folder(env, tmp_path):
+    """`python -m fastscnn_jax.main` trains configs/tiny.py on train+val of a CamVid folder read by `reader`
+    (whole examples, augmented in the step), evaluates val, checkpoints, and writes its scalars to
+    scalars.jsonl in place of clu's TensorBoard writer, which needs TensorFlow."""
+    folder = make_fake_camvid(tmp_path / "camvid", n=6, size=(64, 96), sequences=("0001TP", "0006R0"))
+    workdir = tmp_path / "run"
+    args = ["--config=configs/tiny.py", f"--config.dataset_dir={folder}", "--config.train_split=train+val"]
+    args += ["--config.holdout_sequence=0006R0", f"--workdir={workdir}"]
+    result = _python(env, "-c", RUN_MODULE, "fastscnn_jax.main", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "losses" in result.stdout
+    assert "with PIL (no TensorFlow here)" in result.stderr
+    # 12 examples, 6 of sequence 0006R0 held out: 6 train (one epoch of one batch of 4, the rest dropped).
+    assert "Train: 6 examples" in result.stderr, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "scalars.jsonl").read_text().splitlines()]
+    assert records[0]["hparams"]["train_split"] == "train+val"
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert [r["step"] for r in records if "train_loss" in r] == [2, 4, 6, 8, 10]
+    assert np.all(np.isfinite(losses)) and losses[0] > 0, losses
+    for name in ("val", "0006R0"):  # val, and the held-out sequence beside it
+        scores = [r for r in records if f"{name}_miou" in r]
+        assert [r["step"] for r in scores] == [10] and 0 <= scores[0][f"{name}_miou"] <= 1, scores
+    assert json.loads((workdir / "eval_0006R0.json").read_text())["step"] == 10
+    assert (workdir / "checkpoints" / "10").is_dir() and (workdir / "best").is_dir()
+
+    # The GPU issue's recipe runner on the finished workdir: nothing left to train; it writes the final
+    # state's weights, evaluates them on val and times fed against fixed train steps.
+    weights = tmp_path / "out" / "weights.msgpack"
+    args[-1:] = [f"--workdir={workdir}", f"--weights={weights}", "--input_steps=2"]
+    result = _python(env, "-c", RUN_MODULE, "fastscnn_jax.recipe", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((weights.parent / "recipe.json").read_text())
+    assert report["steps"] == 10 and report["train_wall_s"] > 0 and weights.is_file()
+    # The weights are the final state's (step 10): val scores as the loop's last evaluation scored it.
+    val_at_10 = next(r["val_miou"] for r in records if "val_miou" in r)
+    assert report["val"]["miou"] == pytest.approx(val_at_10, abs=1e-6)
+    assert len(report["val"]["per_class_iou"]) == 11
+    timing = report["input"]
+    assert timing["steps"] == 2 and timing["fed_step_s"] > 0 and timing["fixed_step_s"] > 0
 
 
 def test_predict_segments_a_photo_with_the_shipped_weights(env, tmp_path, real_camvid_dir):
