@@ -6,9 +6,12 @@
 # .venv/bin/python where there is one, else python3).
 #
 # It installs nothing. A GPU machine whose Python lacks ml_collections and clu (pure-Python wheels; their own
-# needs come with JAX and Flax) can take them as wheels fetched where pip works, into an ignored folder:
+# needs come with JAX and Flax, except clu's wrapt) can take them as wheels fetched where pip works, into an
+# ignored folder (wrapt's for the GPU machine's Python, here 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: -d build/gpu_check/wheels \
 #     ml_collections==1.1.0 clu==0.0.12
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 -d build/gpu_check/wheels wrapt
 # and, on the GPU machine, before this script:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site build/gpu_check/wheels/*.whl
 #   export PYTHONPATH=/tmp/site
