@@ -38,7 +38,6 @@ from fastscnn_jax import (
     cli,
     datasets,
     evaluate,
-    losses,
     sources,
     steps,
     train,
@@ -59,16 +58,16 @@ def _time_steps(step_fn, state, feed, count: int) -> tuple[object, float]:
 def time_input(config, count: int, profile_dir: str | None = None, rounds: int = 2) -> dict:
     """Seconds per train step fed by the training loop's data path and on one fixed device batch.
 
-    The step, state and batches are built as `train.train_and_evaluate` builds them (single process).
-    Each of `rounds` rounds times `count` fed steps then `count` fixed ones; the best round of each counts.
+    The step, state and batches are built as `train.train_and_evaluate` builds them (single process), so
+    after training the step's program comes from JAX's compilation cache where one is set. Each of `rounds`
+    rounds times `count` fed steps then `count` fixed ones; the best round of each counts.
     """
     config, _ = datasets.resolve(config)
     source = sources.open_source(config)
-    split = source.read(config.train_split)
-    weights = losses.class_weights(split.class_pixel_counts(config.num_classes), config.class_weighting)
+    split, num_train_steps, weights = train.training_data(config, source)
     layer = steps.select_layer(config.cpu_layer)
     model = steps.create_model(config, layer)
-    optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, 10 * count))
+    optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, num_train_steps))
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     mesh = steps.create_mesh()
     state = steps.create_train_state(config, model, init_rng, optimizer, layer)

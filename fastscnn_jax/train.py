@@ -28,6 +28,7 @@ from fastscnn_jax import (
     losses,
     metrics,
     multihost,
+    reader,
     sources,
     steps,
     summaries,
@@ -129,6 +130,33 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def training_data(config: ml_collections.ConfigDict, source) -> tuple[reader.InMemorySplit, int, np.ndarray]:
+    """(the examples training reads, the number of steps, the class weights or None) for a resolved config.
+
+    The examples are `config.train_split` ('train+val' trains on both, as the published CamVid results are
+    trained; val then measures fit) without the frames of `config.holdout_sequence`; the steps are
+    `config.num_train_steps` if positive, else `config.num_epochs` epochs of them.
+
+    Raises:
+      ConfigError: a split the data lacks, or a held-out sequence the split lacks, naming the key.
+    """
+    try:
+        split = source.read(config.train_split)
+    except camvid_folder.DatasetError as e:
+        raise steps.ConfigError(f"config.train_split={config.train_split!r}: {e}") from None
+    if config.holdout_sequence:
+        try:
+            split = split.without_sequence(config.holdout_sequence)
+        except ValueError as e:
+            raise steps.ConfigError(f"config.holdout_sequence={config.holdout_sequence!r}: {e}") from None
+    steps_per_epoch = max(len(split) // config.batch_size, 1)
+    num_train_steps = (
+        config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+    )
+    weights = losses.class_weights(split.class_pixel_counts(config.num_classes), config.class_weighting)
+    return split, num_train_steps, weights
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, evaluating and checkpointing periodically; resumes from `workdir` when it has checkpoints.
 
@@ -156,26 +184,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
     source = sources.open_source(config)
-    # 'train+val' trains on both splits, as the published CamVid results are trained; val then measures fit.
-    try:
-        train_split = source.read(config.train_split)
-    except camvid_folder.DatasetError as e:
-        raise steps.ConfigError(f"config.train_split={config.train_split!r}: {e}") from None
+    train_split, num_train_steps, weights = training_data(config, source)
+    steps_per_epoch = max(len(train_split) // config.batch_size, 1)
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
     # sequence with train and flatters the model; a whole train sequence held out of training measures what
     # the test split (other streets) measures, so when there is one it selects, and val is reported beside it.
     targets = [(config.eval_split, config.eval_split, "")]
     if config.holdout_sequence:
-        try:
-            train_split = train_split.without_sequence(config.holdout_sequence)
-        except ValueError as e:
-            raise steps.ConfigError(f"config.holdout_sequence={config.holdout_sequence!r}: {e}") from None
         targets.insert(0, (config.holdout_sequence, "train", config.holdout_sequence))
-    steps_per_epoch = max(len(train_split) // config.batch_size, 1)
-    num_train_steps = (
-        config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
-    )
-    weights = losses.class_weights(train_split.class_pixel_counts(config.num_classes), config.class_weighting)
     logging.info(
         "Train: %d examples, %d steps (%d per epoch); class weights %s",
         len(train_split),
