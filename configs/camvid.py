@@ -6,8 +6,8 @@ Run:
 Full 360x480 crops with 0.5-2.0x scale jitter, flips and colour jitter (made in the train step, on the
 accelerator), ENet class weights, an auxiliary head, AdamW with a one-cycle schedule, 500 epochs (11.5k steps
 at batch 16). Not yet run to completion: no accelerator has been available to this project.
-configs/camvid_cpu.py is the recipe of the shipped weights, configs/camvid_gpu.py this one on train+val. Any key can be overridden on the command line,
-e.g. `--config.batch_size=8`.
+configs/camvid_cpu.py is the recipe of the shipped weights; configs/camvid_gpu.py is this one on train+val.
+Any key can be overridden on the command line, e.g. `--config.batch_size=8`.
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-r"""Fast-SCNN on CamVid: the recipe sized for a 2-core CPU, derived from configs/camvid.py; the shipped weights'.
+r"""Fast-SCNN on CamVid: the recipe of the shipped weights, for a 2-core CPU, derived from configs/camvid.py.
 
 Run (then `python scripts/release_weights.py --config=configs/camvid_cpu.py --workdir=runs/camvid_cpu
 --checkpoint=last` releases the final state):
