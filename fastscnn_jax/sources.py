@@ -16,6 +16,7 @@ from absl import logging
 
 from fastscnn_jax import camvid_folder, reader, steps
 
+_WHY_NO_TFDS = "not needed"  # why TFDS is not used, for FolderSource's errors
 try:
     from fastscnn_jax import input_pipeline
 except ImportError as e:  # TensorFlow or TFDS missing: CamVid folders only, through `reader`.
