@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from fastscnn_jax import camvid, input_pipeline, reader, sources
+from fastscnn_jax import camvid, input_pipeline, reader, sources, steps
 from tests.conftest import make_fake_camvid
 
 VOID = camvid.IGNORE_LABEL
@@ -192,3 +192,19 @@ def test_both_sources_give_the_same_data(fake_data):
     ):
         for key in ("image", "label", "mask"):
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_folder_source_names_what_it_cannot_read(tmp_path, monkeypatch):
+    """Without TFDS only a local CamVid folder is read: another dataset, a folder that is not CamVid's, or
+    no folder found at all is refused, naming the key or what to set."""
+    config = tiny.get_config()
+    config.dataset = "cityscapes"
+    with pytest.raises(steps.ConfigError, match="config.dataset='cityscapes' is read through TensorFlow"):
+        sources.FolderSource(config)
+    config = tiny.get_config()
+    config.dataset_dir = str(tmp_path)
+    with pytest.raises(camvid.DatasetError, match=f"dataset_dir={tmp_path} is not a CamVid folder"):
+        sources.FolderSource(config)
+    monkeypatch.setattr(sources.camvid_folder, "find_camvid_dir", lambda dataset_dir: None)
+    with pytest.raises(camvid.DatasetError, match=r"set config.dataset_dir or \$CAMVID_DIR"):
+        sources.FolderSource(tiny.get_config())
