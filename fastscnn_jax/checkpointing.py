@@ -326,6 +326,7 @@ def load_variables(path: str) -> tuple[dict, dict]:
             meta = {}
             if (root / "meta").is_dir():
                 meta = _restore_item(root / "meta", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
+                meta.pop(DIGEST_KEY, None)  # the digest of the whole training state, not of these variables
             # A training state with a moving average (`config.ema_decay`) is used through the average.
             source = tree.get("ema") or tree
             variables = {"params": source["params"], "batch_stats": source["batch_stats"]}

@@ -125,7 +125,9 @@ def test_train_plus_val_with_moving_average(tmp_path):
     workdir = tmp_path / "train_val"
     best = train.train_and_evaluate(config, str(workdir))
     assert best["step"] == 8  # 4 train + 4 val examples, one epoch
-    latest, _ = checkpointing.load_variables(str(workdir / "checkpoints"))
+    latest, latest_meta = checkpointing.load_variables(str(workdir / "checkpoints"))
+    # What a release of the final state keeps: no digest of the training state the variables came from.
+    assert latest_meta["step"] == 8 and checkpointing.DIGEST_KEY not in latest_meta
     best_variables, _ = checkpointing.load_variables(str(workdir / "best"))
     state = checkpointing._restore_arrays(workdir / "checkpoints" / "8" / "state")
     for name in ("params", "batch_stats"):
