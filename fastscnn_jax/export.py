@@ -112,7 +112,7 @@ FLOORS = {
     "saved_model": Floor(1e-3, 0.9999),
     "tflite": Floor(1e-3, 0.9999),
     "tflite_fp16": Floor(0.5, 0.998),
-    "tflite_int8": Floor(None, 0.965),
+    "tflite_int8": Floor(None, 0.955),
     "tflite_int8_mixed": Floor(None, 0.975),
     "tflite_dynamic": Floor(1.5, 0.99),
     "stablehlo": Floor(1e-3, 0.9999),
