@@ -18,6 +18,17 @@ from PIL import Image
 from fastscnn_jax import camvid
 
 _CACHE_VAR = "FASTSCNN_JAX_TEST_COMPILATION_CACHE"
+# LLVM at optimisation level 0 for every program the suite compiles. Compiling is most of the suite's time
+# (tiny programs that then run a few steps) and level 0 compiles the tiny train step ~40% faster, running it
+# slower by milliseconds. The programs compute the same functions; only rounding may differ from level 2, and
+# every comparison in the suite is between programs built alike or to a tolerance. Speed is measured by the
+# benchmark commands, not by tests. A compiler option of a jit (the CPU layer's init) still overrides it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a subprocess of the suite: the suite's own flags plus `extra`."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
 def pytest_configure(config):
@@ -34,6 +45,8 @@ def pytest_configure(config):
         os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="fastscnn_jax_test_cache_")
         config._fastscnn_cache_owner = True
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VAR]
+    if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = xla_flags(TEST_XLA_FLAGS)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from configs import tiny
 from fastscnn_jax import checkpointing, multihost, steps
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -38,7 +39,7 @@ OVERRIDES = [
 def _env(devices: int) -> dict:
     """CPU-only environment with `devices` local devices and the repository importable."""
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(f"--xla_force_host_platform_device_count={devices}")
     return env
 
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from fastscnn_jax import steps
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,7 +250,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
 def test_one_device_equals_eight_devices():
     """The same global batch on 1 and on 8 (fake CPU) devices gives the same losses and parameters."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
+        "PYTHONPATH": REPO,
+    }
     result = subprocess.run(
         [sys.executable, "-c", MULTI_DEVICE_SCRIPT, REPO],
         env=env,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from configs import tiny
 from fastscnn_jax import checkpointing, steps, train
-from tests.conftest import make_fake_camvid
+from tests.conftest import make_fake_camvid, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_batch_size_not_divisible_by_the_devices_is_named(tmp_path):
         env={
             **os.environ,
             "PYTHONPATH": REPO,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
             "JAX_PLATFORMS": "cpu",
         },
         capture_output=True,
