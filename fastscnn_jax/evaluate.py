@@ -30,7 +30,7 @@ from fastscnn_jax import camvid_folder, checkpointing, classes, cli, datasets, m
 FLAGS = flags.FLAGS
 
 
-def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "") -> dict:
+def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "", source=None) -> dict:
     """Scores of a checkpoint on a split.
 
     The checkpoint fixes the network (`checkpointing.load_model`: e.g. imported PyTorch weights are built
@@ -42,6 +42,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
       checkpoint: a weights file, workdir or checkpoint step folder.
       split: the split to evaluate.
       sequence: if given, only the frames of this sequence of the split.
+      source: the data (`sources.open_source(config)` when not given).
 
     Returns:
       `metrics.segmentation_scores` plus `split`, `checkpoint` and `confusion_matrix`.
@@ -59,7 +60,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, sequence: str = "")
         )
     class_names = classes.from_meta(meta).names
     model = model.clone(dtype=jnp.dtype(config.model.dtype))
-    source = sources.open_source(config)
+    source = source or sources.open_source(config)
     mesh = steps.create_mesh()
     eval_step = steps.make_eval_step(model, config, mesh)
     scores, matrix = train.evaluate(eval_step, variables, source, split, config, mesh, sequence, class_names)

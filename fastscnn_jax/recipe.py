@@ -26,10 +26,7 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from fastscnn_jax import (
@@ -55,26 +52,19 @@ def _time_steps(step_fn, state, feed, count: int) -> tuple[object, float]:
     return state, (time.perf_counter() - start) / count
 
 
-def time_input(config, count: int, profile_dir: str | None = None, rounds: int = 2) -> dict:
+def time_input(config, count: int, profile_dir: str | None = None, rounds: int = 2, source=None) -> dict:
     """Seconds per train step fed by the training loop's data path and on one fixed device batch.
 
     The step, state and batches are built as `train.train_and_evaluate` builds them (single process), so
     after training the step's program comes from JAX's compilation cache where one is set. Each of `rounds`
-    rounds times `count` fed steps then `count` fixed ones; the best round of each counts.
+    rounds times `count` fed steps then `count` fixed ones; the best round of each counts. `source` is the
+    data (`sources.open_source(config)` when not given).
     """
     config, _ = datasets.resolve(config)
-    source = sources.open_source(config)
+    source = source or sources.open_source(config)
     split, num_train_steps, weights = train.training_data(config, source)
-    layer = steps.select_layer(config.cpu_layer)
-    model = steps.create_model(config, layer)
-    optimizer = steps.create_optimizer(config, steps.create_learning_rate_fn(config, num_train_steps))
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     mesh = steps.create_mesh()
-    state = steps.create_train_state(config, model, init_rng, optimizer, layer)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    step_fn = steps.make_train_step(
-        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer, augment=True
-    )
+    _, _, state, step_fn = train.create_training(config, num_train_steps, weights, mesh)
     batches = source.train_batches(split, config, local_batch_size=config.batch_size)
     fixed = steps.shard_batch(next(batches), mesh)
     state, _ = _time_steps(step_fn, state, lambda: fixed, 1)  # compiles
@@ -103,10 +93,12 @@ def time_input(config, count: int, profile_dir: str | None = None, rounds: int =
 def run(config, config_name: str, workdir: str, weights_path: str, input_steps: int, profile: bool) -> dict:
     """Steps 1-4 of the module docstring; returns what `recipe.json` holds."""
     start = time.monotonic()
-    train.train_and_evaluate(config, workdir)
+    resolved, _ = datasets.resolve(config)
+    # One source for the three steps: a CamVid folder is decoded once.
+    source = sources.open_source(resolved)
+    train.train_and_evaluate(config, workdir, source)
     train_s = time.monotonic() - start
     variables, meta = checkpointing.load_variables(os.path.join(workdir, checkpointing.LATEST_DIR))
-    resolved, _ = datasets.resolve(config)
     meta.update(
         config=config_name,
         model=steps.model_signature(resolved),
@@ -120,7 +112,7 @@ def run(config, config_name: str, workdir: str, weights_path: str, input_steps: 
     os.makedirs(os.path.dirname(os.path.abspath(weights_path)), exist_ok=True)
     checkpointing.save_weights_file(weights_path, variables, meta)
     logging.info("Wrote %s (step %d)", weights_path, meta["step"])
-    scores = evaluate.evaluate_checkpoint(config, weights_path, config.eval_split)
+    scores = evaluate.evaluate_checkpoint(config, weights_path, config.eval_split, source=source)
     result = {
         "config": config_name,
         "device": meta["device"],
@@ -131,7 +123,7 @@ def run(config, config_name: str, workdir: str, weights_path: str, input_steps: 
     }
     if input_steps > 0:
         trace = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "trace") if profile else None
-        result["input"] = time_input(config, input_steps, trace)
+        result["input"] = time_input(config, input_steps, trace, source=source)
     return result
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -157,7 +159,32 @@ def training_data(config: ml_collections.ConfigDict, source) -> tuple[reader.InM
     return split, num_train_steps, weights
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def create_training(
+    config: ml_collections.ConfigDict, num_train_steps: int, weights: np.ndarray | None, mesh
+) -> tuple[nn.Module, Callable[[int], Any], steps.TrainState, Callable]:
+    """The model, learning-rate schedule, initial state (replicated over `mesh`) and train step of a run.
+
+    The layer is `config.cpu_layer`'s (`steps.select_layer`). The step takes batches of whole examples and
+    augments them (scale, crop, flip, colour) on the device; `weights` are the loss's class weights.
+    """
+    layer = steps.select_layer(config.cpu_layer)
+    logging.info("Backend %s, %s layer", jax.default_backend(), layer.name)
+    model = steps.create_model(config, layer)
+    learning_rate_fn = steps.create_learning_rate_fn(config, num_train_steps)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    optimizer = steps.create_optimizer(config, learning_rate_fn)
+    state = steps.create_train_state(config, model, init_rng, optimizer, layer)
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state.params)
+    multihost.wait_for_all_processes("before_the_first_collective")
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    train_step = steps.make_train_step(
+        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer, augment=True
+    )
+    return model, learning_rate_fn, state, train_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source=None) -> dict:
     """Trains, evaluating and checkpointing periodically; resumes from `workdir` when it has checkpoints.
 
     Args:
@@ -165,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (`datasets.resolve`).
       workdir: checkpoints, TensorBoard events and `eval_<name>.json` (the scores at the best step: `val`,
         and the held-out sequence's when `config.holdout_sequence` is set) go here.
+      source: the data (`sources.open_source(config)` when not given).
 
     Returns:
       scores of the best evaluation of the held-out sequence if any, else of `config.eval_split`
@@ -174,7 +202,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = steps.create_mesh()
-    replicated = NamedSharding(mesh, P())
     is_chief = jax.process_index() == 0
 
     # A workdir of another model fails here, before the data is loaded and anything is compiled.
@@ -183,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
         steps.check_compatible(checkpoints.latest_meta().get("model", {}), config, workdir)
 
-    source = sources.open_source(config)
+    source = source or sources.open_source(config)
     train_split, num_train_steps, weights = training_data(config, source)
     steps_per_epoch = max(len(train_split) // config.batch_size, 1)
     # (name, split, sequence) of each evaluation; the first selects the best checkpoint. Val shares its
@@ -200,18 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         weights,
     )
 
-    layer = steps.select_layer(config.cpu_layer)
-    logging.info("Backend %s, %s layer", jax.default_backend(), layer.name)
-    model = steps.create_model(config, layer)
-    learning_rate_fn = steps.create_learning_rate_fn(config, num_train_steps)
-    rng = jax.random.key(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
-    optimizer = steps.create_optimizer(config, learning_rate_fn)
-    state = steps.create_train_state(config, model, init_rng, optimizer, layer)
-    if is_chief:
-        parameter_overview.log_parameter_overview(state.params)
-    multihost.wait_for_all_processes("before_the_first_collective")
-    state = jax.device_put(state, replicated)
+    model, learning_rate_fn, state, p_train_step = create_training(config, num_train_steps, weights, mesh)
 
     meta = {"step": 0, "best_miou": -1.0, "evals_since_best": 0, "model": steps.model_signature(config)}
     if resuming:
@@ -227,10 +243,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
 
-    # The batches are whole examples: the step augments them (scale, crop, flip, colour) on the device.
-    p_train_step = steps.make_train_step(
-        config, None if weights is None else jnp.asarray(weights), dropout_rng, mesh, layer, augment=True
-    )
     p_eval_step = steps.make_eval_step(model, config, mesh)
     local_batch = config.batch_size // jax.process_count()
     train_iter = source.train_batches(
