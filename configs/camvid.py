@@ -33,6 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
     # A train sequence (e.g. '0006R0') to hold out of training and evaluate beside val; it then selects the
     # best checkpoint. Val frames come from a sequence train also has, so they flatter the model.
     config.holdout_sequence = ""
+    # Test-time augmentation of every evaluation (`steps.predict_scores`): the mean class probabilities of
+    # the images resized by each factor, and mirrored too with `eval_flip`. (1.0,) and False: one plain
+    # forward pass, as published CamVid results are scored. (0.75, 1.0, 1.25, 1.5, 1.75) with the flip is the
+    # multi-scale flip test MODEL_CARD.md measures (mmsegmentation's adds 0.5); it costs about 17 passes.
+    config.eval_scales = (1.0,)
+    config.eval_flip = False
     config.crop_size = (360, 480)
     config.min_scale = 0.5
     config.max_scale = 2.0

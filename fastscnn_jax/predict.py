@@ -5,7 +5,8 @@ r"""Segments photos with a trained Fast-SCNN; by default the CamVid weights ship
 
 For each image it writes `<name>_mask.png` (class indices, 8-bit), `<name>_color.png` (the classes' colours)
 and `<name>_overlay.png` (the colours blended on the photo), all at the image's own size, and `legend.png`
-once.
+once. `--scales` and `--flip` average the class probabilities over resized and mirrored copies of each image
+(test-time augmentation, `steps.predict_scores`): slower, and usually more accurate on unseen streets.
 The class names and colours are those the weights record (`classes.from_meta`): CamVid's for the shipped
 weights, those of the dataset trained on for a workdir.
 Any size and mode is accepted (RGB, RGBA, grayscale, palette, 16-bit, JPEG with EXIF orientation); files that
@@ -15,6 +16,7 @@ more than PIL's `Image.MAX_IMAGE_PIXELS` pixels (89.5 million) is skipped before
 TensorFlow.
 """
 
+import functools
 import glob
 import os
 import sys
@@ -25,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from fastscnn_jax import checkpointing, classes, cli, images
+from fastscnn_jax import checkpointing, classes, cli, images, steps
 
 FLAGS = flags.FLAGS
 
@@ -96,16 +98,20 @@ def legend(class_info: classes.Classes = classes.CAMVID) -> Image.Image:
 class Segmenter:
     """A model and its variables, with a jit-compiled image -> class-mask function."""
 
-    def __init__(self, checkpoint: str, layer: str = "auto"):
+    def __init__(
+        self, checkpoint: str, layer: str = "auto", scales: tuple[float, ...] = (1.0,), flip: bool = False
+    ):
         """Loads the weights and builds the model they were trained as (`checkpointing.load_model`), with
-        `layer`'s forms ('auto': the CPU layer on a CPU)."""
+        `layer`'s forms ('auto': the CPU layer on a CPU); `scales` and `flip` choose test-time augmentation
+        (`steps.predict_scores`)."""
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales {tuple(scales)} must be one or more positive factors")
         model, self.variables, meta = checkpointing.load_model(checkpoint, layer)
         self.num_classes = model.num_classes
         self.classes = classes.from_meta(meta)
+        scores = functools.partial(steps.predict_scores, model, scales=tuple(scales), flip=flip)
         self._classes = jax.jit(
-            lambda variables, batch: jnp.argmax(model.apply(variables, batch, train=False), -1).astype(
-                jnp.uint8
-            )
+            lambda variables, batch: jnp.argmax(scores(variables, batch), -1).astype(jnp.uint8)
         )
 
     def __call__(self, image: np.ndarray, max_side: int) -> np.ndarray:
@@ -180,8 +186,13 @@ def main(argv):
     if not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist")
     try:
-        segmenter = Segmenter(FLAGS.checkpoint)
-    except ValueError as e:  # not a weights file, one without model settings, bad classes: named
+        scales = tuple(float(s) for s in FLAGS.scales)
+    except ValueError:
+        given = ",".join(FLAGS.scales)
+        raise app.UsageError(f"--scales={given}: expected numbers, e.g. 0.75,1,1.25") from None
+    try:
+        segmenter = Segmenter(FLAGS.checkpoint, scales=scales, flip=FLAGS.flip)
+    except ValueError as e:  # bad --scales; not a weights file, one without model settings, bad classes
         sys.exit(f"error: {e}")
     skipped = predict_files(paths, FLAGS.output, segmenter, FLAGS.max_side, FLAGS.alpha)
     print(f"{len(paths) - len(skipped)} image(s) segmented into {FLAGS.output}, {len(skipped)} skipped")
@@ -200,6 +211,13 @@ def define_flags() -> None:
         "max_side", 2048, "Images with a longer side are segmented at this size, then upsampled."
     )
     flags.DEFINE_float("alpha", 0.5, "Opacity of the colours in the overlay.")
+    flags.DEFINE_list(
+        "scales",
+        ["1.0"],
+        "Test-time augmentation: resize factors whose class probabilities are averaged, e.g. "
+        "0.75,1,1.25,1.5,1.75 (one forward pass each).",
+    )
+    flags.DEFINE_bool("flip", False, "Test-time augmentation: also average each scale's mirrored image.")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.min_scale/max_scale={config.min_scale}/{config.max_scale}: need 0 < min <= max"
         )
+    if not config.eval_scales or min(config.eval_scales) <= 0:
+        raise ConfigError(
+            f"config.eval_scales={tuple(config.eval_scales)}: need one or more positive factors, e.g. (1.0,)"
+        )
     select_layer(config.cpu_layer)
     try:
         losses.class_weights(np.ones(1), config.class_weighting)
@@ -348,11 +352,50 @@ def train_step(
     return state, step_metrics
 
 
+def predict_scores(
+    model: models.FastSCNN,
+    variables: dict,
+    images: jax.Array,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+) -> jax.Array:
+    """Class scores [B, H, W, K] of `images`, at their size; the argmax is the prediction.
+
+    With `scales` (1.0,) and no `flip`, the model's logits. Otherwise test-time augmentation, as
+    mmsegmentation's multi-scale flip test does it: the images resized by each factor in `scales` (and also
+    mirrored, with `flip`), each view's class probabilities resized back to the input size (and mirrored
+    back), and the mean of them returned. It costs one forward pass per view, on images of scale**2 the
+    pixels.
+    """
+    if tuple(scales) == (1.0,) and not flip:
+        return model.apply(variables, images, train=False)
+    height, width = images.shape[1:3]
+    views = []
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        rescaled = models.resize_bilinear(images.astype(jnp.float32), size)
+        for mirrored in (False, True) if flip else (False,):
+            view = rescaled[:, :, ::-1] if mirrored else rescaled
+            probs = jax.nn.softmax(model.apply(variables, view, train=False), axis=-1)
+            probs = probs[:, :, ::-1] if mirrored else probs
+            views.append(models.resize_bilinear(probs, (height, width)))
+    return sum(views) / len(views)
+
+
 def eval_step(
-    variables: dict, batch: dict[str, jax.Array], *, model: models.FastSCNN, ignore_label: int
+    variables: dict,
+    batch: dict[str, jax.Array],
+    *,
+    model: models.FastSCNN,
+    ignore_label: int,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
 ) -> metrics.EvalMetrics:
-    """Confusion matrix of one batch; padding examples (`mask` False) and void pixels are left out."""
-    logits = model.apply(variables, batch["image"], train=False)
+    """Confusion matrix of one batch; padding examples (`mask` False) and void pixels are left out.
+
+    `scales` and `flip` choose test-time augmentation (`predict_scores`).
+    """
+    logits = predict_scores(model, variables, batch["image"], scales, flip)
     valid = (batch["label"] != ignore_label) & batch["mask"][:, None, None]
     return metrics.EvalMetrics.single_from_model_output(logits=logits, label=batch["label"], valid=valid)
 
@@ -398,9 +441,17 @@ def make_train_step(
 
 
 def make_eval_step(model: models.FastSCNN, config: ml_collections.ConfigDict, mesh: Mesh):
-    """`eval_step` jit-compiled for the mesh: variables replicated, batch sharded."""
+    """`eval_step` jit-compiled for the mesh: variables replicated, batch sharded; test-time augmentation
+    as `config.eval_scales` and `config.eval_flip` say."""
+    step = functools.partial(
+        eval_step,
+        model=model,
+        ignore_label=config.ignore_label,
+        scales=tuple(config.eval_scales),
+        flip=config.eval_flip,
+    )
     return jax.jit(
-        functools.partial(eval_step, model=model, ignore_label=config.ignore_label),
+        step,
         in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
         out_shardings=NamedSharding(mesh, P()),
     )

@@ -142,7 +142,8 @@ def test_overlay_blends_colours():
 
 
 def test_cli_glob_and_missing_input(tmp_path, weights_file):
-    """The command line takes a glob; a path matching nothing is a one-line error."""
+    """The command line takes a glob (here with test-time augmentation); a path matching nothing and
+    scales that are not positive numbers are one-line errors."""
     _write_images(tmp_path)
     env = {**os.environ, "PYTHONPATH": REPO}
     run = lambda *a: subprocess.run(
@@ -152,7 +153,13 @@ def test_cli_glob_and_missing_input(tmp_path, weights_file):
         text=True,
         timeout=300,
     )
-    result = run(f"--input={tmp_path}/r*.png", f"--output={tmp_path}/out", f"--checkpoint={weights_file[0]}")
+    result = run(
+        f"--input={tmp_path}/r*.png",
+        f"--output={tmp_path}/out",
+        f"--checkpoint={weights_file[0]}",
+        "--scales=0.5,1",
+        "--flip",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         ["legend.png"] + [f"{n}_{k}.png" for n in ("rgb", "rgba") for k in ("mask", "color", "overlay")]
@@ -161,6 +168,10 @@ def test_cli_glob_and_missing_input(tmp_path, weights_file):
         f"--input={tmp_path}/none*.png", f"--output={tmp_path}/out2", f"--checkpoint={weights_file[0]}"
     )
     assert result.returncode != 0 and "no file matches" in result.stderr and "Traceback" not in result.stderr
+    result = run(f"--input={tmp_path}/r*.png", f"--output={tmp_path}/out3", "--scales=1,big")
+    assert result.returncode != 0 and "--scales=1,big" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match="scales"):
+        predict.Segmenter(weights_file[0], scales=(1.0, 0.0))
 
 
 # Runs the predict command and reports the process's peak resident memory on exit.

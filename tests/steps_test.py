@@ -32,6 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("lr_schedule", "cosine", "config.lr_schedule"),
         ("crop_size", (0, 10), "config.crop_size"),
         ("class_weighting", "bogus", "class_weighting"),
+        ("eval_scales", (), "config.eval_scales"),
+        ("eval_scales", (1.0, 0.0), "config.eval_scales"),
     ],
 )
 def test_validate_config_names_the_key(key, value, pattern):
@@ -186,6 +188,62 @@ def test_eval_step_counts_only_real_examples_and_non_void():
     label0 = np.asarray(batch["label"][0])
     assert matrix.sum() == (label0 != config.ignore_label).sum()
     np.testing.assert_array_equal(matrix.sum(1), np.bincount(label0.reshape(-1), minlength=12)[:11])
+
+
+def _confident_variables(state):
+    """The state's variables with the classifier's last kernel scaled up: an untrained model's logits are
+    about 1e-4 apart, which would make every class about equally likely and every prediction a near tie."""
+    params = dict(state.params)
+    classifier = dict(params["classifier"])
+    classifier["Conv_0"] = {**classifier["Conv_0"], "kernel": classifier["Conv_0"]["kernel"] * 1e4}
+    params["classifier"] = classifier
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
+def test_predict_scores_plain_is_the_logits_and_test_time_augmentation_averages_probabilities():
+    """With one scale of 1.0 and no flip, `predict_scores` is the model's logits. With scales and a flip it
+    gives class probabilities at the input size (non-negative, summing to 1) that mirror with the input,
+    which needs each mirrored view mirrored back; two views at 1.0 average to the softmax of the logits."""
+    config, state, batch = _small_setup()
+    model = steps.create_model(config)
+    variables = _confident_variables(state)
+    images = batch["image"]
+    logits = model.apply(variables, images, train=False)
+    np.testing.assert_array_equal(steps.predict_scores(model, variables, images), logits)
+    np.testing.assert_allclose(
+        steps.predict_scores(model, variables, images, scales=(1.0, 1.0)),
+        jax.nn.softmax(logits, -1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    tta = jax.jit(lambda x: steps.predict_scores(model, variables, x, scales=(0.75, 1.0, 1.5), flip=True))
+    probs = tta(images)
+    assert probs.shape == logits.shape
+    assert float(probs.min()) >= 0
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tta(images[:, :, ::-1]), probs[:, :, ::-1], atol=1e-5)
+    # The views disagree somewhere: averaging them is not the plain prediction under another name.
+    assert float(jnp.abs(probs - jax.nn.softmax(logits, -1)).max()) > 1e-3
+
+
+def test_eval_step_with_test_time_augmentation_counts_the_same_pixels():
+    """`config.eval_scales` and `eval_flip` reach the eval step: the same pixels are counted, and the
+    predictions are the argmax of the averaged probabilities."""
+    config, state, batch = _small_setup()
+    config.eval_scales = (0.5, 1.0)
+    config.eval_flip = True
+    model = steps.create_model(config)
+    variables = _confident_variables(state)
+    mask = jnp.asarray([True, True])
+    matrix = steps.make_eval_step(model, config, steps.create_mesh())(variables, {**batch, "mask": mask})
+    matrix = np.asarray(matrix.compute()["confusion"])
+    scores = steps.predict_scores(model, variables, batch["image"], (0.5, 1.0), True)
+    predictions = np.asarray(jnp.argmax(scores, -1))
+    label = np.asarray(batch["label"])
+    valid = label != config.ignore_label
+    expected = np.zeros_like(matrix)
+    np.add.at(expected, (label[valid], predictions[valid]), 1)
+    np.testing.assert_array_equal(matrix, expected)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent(
