@@ -226,6 +226,26 @@ def test_predict_scores_plain_is_the_logits_and_test_time_augmentation_averages_
     assert float(jnp.abs(probs - jax.nn.softmax(logits, -1)).max()) > 1e-3
 
 
+def test_test_time_views_have_sides_that_are_multiples_of_the_output_stride():
+    """Each rescaled view is sized to multiples of 8 (the logits' stride), near scale x the input's sides,
+    and its probabilities come back at the input's size."""
+
+    class Recorder:
+        """Stands in for the model: records the views' shapes and returns one-hot logits of class 0."""
+
+        shapes = []
+
+        def apply(self, variables, images, train):
+            self.shapes.append(images.shape)
+            return jnp.zeros((*images.shape[:3], 3)).at[..., 0].set(10.0)
+
+    images = jnp.zeros((1, 360, 480, 3))
+    probs = steps.predict_scores(Recorder(), {}, images, scales=(0.5, 0.75, 1.25), flip=True)
+    assert Recorder.shapes == [(1, h, w, 3) for h, w in ((176, 240), (272, 360), (448, 600)) for _ in "ab"]
+    assert probs.shape == (1, 360, 480, 3)
+    np.testing.assert_allclose(probs[..., 0], 1.0, rtol=1e-4)
+
+
 def test_eval_step_with_test_time_augmentation_counts_the_same_pixels():
     """`config.eval_scales` and `eval_flip` reach the eval step: the same pixels are counted, and the
     predictions are the argmax of the averaged probabilities."""
