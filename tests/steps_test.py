@@ -233,15 +233,17 @@ def test_test_time_views_have_sides_that_are_multiples_of_the_output_stride():
     class Recorder:
         """Stands in for the model: records the views' shapes and returns one-hot logits of class 0."""
 
-        shapes = []
+        def __init__(self):
+            self.shapes = []
 
         def apply(self, variables, images, train):
             self.shapes.append(images.shape)
             return jnp.zeros((*images.shape[:3], 3)).at[..., 0].set(10.0)
 
     images = jnp.zeros((1, 360, 480, 3))
-    probs = steps.predict_scores(Recorder(), {}, images, scales=(0.5, 0.75, 1.25), flip=True)
-    assert Recorder.shapes == [(1, h, w, 3) for h, w in ((176, 240), (272, 360), (448, 600)) for _ in "ab"]
+    recorder = Recorder()
+    probs = steps.predict_scores(recorder, {}, images, scales=(0.5, 0.75, 1.25), flip=True)
+    assert recorder.shapes == [(1, h, w, 3) for h, w in ((176, 240), (272, 360), (448, 600)) for _ in "ab"]
     assert probs.shape == (1, 360, 480, 3)
     np.testing.assert_allclose(probs[..., 0], 1.0, rtol=1e-4)
 
