@@ -387,6 +387,8 @@ class FastSCNN(nn.Module):
     resize_impl: str = "auto"
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
+    # `resize_bilinear`'s signature: the resize of the logits (and aux logits) to the input size.
+    resize_logits: Callable = resize_bilinear
 
     def _ch(self, channels: int) -> int:
         """Scales a channel count by `width` (at least 8)."""
@@ -444,4 +446,4 @@ class FastSCNN(nn.Module):
 
     def _upsample(self, logits: jax.Array, size: Sequence[int]) -> jax.Array:
         """NHWC low-resolution `logits` resized to `size`."""
-        return resize_bilinear(logits, size, self.torch_compat, self.resize_impl)
+        return self.resize_logits(logits, size, self.torch_compat, self.resize_impl)

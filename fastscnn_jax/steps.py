@@ -103,6 +103,8 @@ class Layer:
       train_loss: `train_loss`'s signature and results.
       train_compiler_options: XLA compiler options of the jitted train step.
       init_compiler_options: XLA compiler options of the jitted `model.init`.
+      resize_logits: the model's resize of its logits to the input size (`models.resize_bilinear`'s
+        signature and values).
     """
 
     name: str = "core"
@@ -110,6 +112,7 @@ class Layer:
     train_loss: Callable = train_loss
     train_compiler_options: dict | None = None
     init_compiler_options: dict | None = None
+    resize_logits: Callable = models.resize_bilinear
 
 
 CORE = Layer()
@@ -217,6 +220,7 @@ def model_from_signature(
         dtype=dtype,
         torch_compat=signature["torch_compat"],
         conv=layer.conv,
+        resize_logits=layer.resize_logits,
     )
 
 

@@ -16,6 +16,7 @@ from configs import tiny
 from fastscnn_jax import cpu, losses, metrics, models, steps
 from fastscnn_jax.cpu import conv as cpu_conv
 from fastscnn_jax.cpu import loss as cpu_loss
+from fastscnn_jax.cpu import resize as cpu_resize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +177,13 @@ def test_resize_class_major_equals_resize_bilinear(src, dst, align_corners):
     np.testing.assert_allclose(class_major(x), nhwc(x), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda x, f=f: jnp.sum(weights * f(x)))(x) for f in (class_major, nhwc)]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    # The CPU layer's resize of the model's logits: NHWC in and out, computed on class planes.
+    np.testing.assert_allclose(
+        cpu_resize.resize_logits(x, dst, align_corners),
+        models.resize_bilinear(x, dst, align_corners),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_whole_model_and_train_loss_equal_the_core():

@@ -3,7 +3,7 @@ outputs and gradients (tests/cpu_test.py), and the compiler options the CPU trai
 
 Opt-in through `config.cpu_layer` ('auto', the default, turns it on when JAX's backend is the CPU), chosen
 once by `steps.select_layer`; nothing in the core imports this package. Why each form exists is said where
-it is defined (`conv.py`, `loss.py`); what each one gains is measured in benchmarks/README.md.
+it is defined (`conv.py`, `loss.py`, `resize.py`); what each one gains is measured in benchmarks/README.md.
 
 Process-wide settings are left to the user, since they must be set before Python starts:
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` lets malloc back XLA:CPU's large per-step buffers with transparent
@@ -19,7 +19,7 @@ import functools
 from flax import linen as nn
 
 from fastscnn_jax import steps
-from fastscnn_jax.cpu import conv, loss
+from fastscnn_jax.cpu import conv, loss, resize
 
 # Train step: LLVM may reassociate float arithmetic (and ignore the sign of zero), nothing else; NaNs,
 # infinities, division and library functions stay exact (the four `honor` options), so a NaN loss still
@@ -44,4 +44,5 @@ LAYER = steps.Layer(
     train_loss=loss.train_loss,
     train_compiler_options=TRAIN_COMPILER_OPTIONS,
     init_compiler_options=INIT_COMPILER_OPTIONS,
+    resize_logits=resize.resize_logits,
 )
