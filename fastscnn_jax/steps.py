@@ -356,12 +356,6 @@ def train_step(
     return state, step_metrics
 
 
-# Test-time views are resized to sides that are multiples of 8, the network's output stride, so that each
-# logit covers whole 8x8 blocks of input pixels as in training, whose crops are multiples of 8: off that grid
-# the 1/8 features are misaligned with the upsampled logits and the scores drop (MODEL_CARD.md measures it).
-TTA_SIZE_MULTIPLE = 8
-
-
 def predict_scores(
     model: models.FastSCNN,
     variables: dict,
@@ -375,16 +369,14 @@ def predict_scores(
     mmsegmentation's multi-scale flip test does it: the images resized by each factor in `scales` (and also
     mirrored, with `flip`), each view's class probabilities resized back to the input size (and mirrored
     back), and the mean of them returned. It costs one forward pass per view, on images of scale**2 the
-    pixels. Each resized side is rounded to a multiple of `TTA_SIZE_MULTIPLE`.
+    pixels. The model computes each view at its `grid_size` (sides that are multiples of its stride).
     """
     if tuple(scales) == (1.0,) and not flip:
         return model.apply(variables, images, train=False)
     height, width = images.shape[1:3]
     views = []
     for scale in scales:
-        size = tuple(
-            max(1, round(side * scale / TTA_SIZE_MULTIPLE)) * TTA_SIZE_MULTIPLE for side in (height, width)
-        )
+        size = tuple(max(1, round(side * scale)) for side in (height, width))
         rescaled = models.resize_bilinear(images.astype(jnp.float32), size)
         for mirrored in (False, True) if flip else (False,):
             view = rescaled[:, :, ::-1] if mirrored else rescaled

@@ -98,6 +98,23 @@ def test_logits_shape_and_dtype(small_model_and_variables, size):
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_off_grid_images_run_at_the_nearest_multiple_of_32(small_model_and_variables):
+    """Sides off the network's 32-pixel grid are resized to the nearest multiple and the 1/8 logits
+    resized back to the image's size: the same logits as doing that by hand around a model that runs any
+    size as is, and not the logits that model gives at the image's own size. Tramac's conventions keep it."""
+    model, variables = small_model_and_variables
+    assert model.grid_size((360, 480)) == (352, 480)
+    assert model.grid_size((100, 80)) == (96, 96)  # 2.5 multiples round up
+    assert model.grid_size((8, 8)) == (32, 32)
+    assert model.clone(torch_compat=True).grid_size((360, 481)) == (360, 481)
+    images = _images((2, 100, 131, 3), seed=3)
+    logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+    as_is = model.clone(input_multiple=1)
+    low = as_is.apply(variables, models.resize_bilinear(images, (96, 128)), upsample=False)
+    np.testing.assert_allclose(logits, models.resize_bilinear(low, (100, 131)), rtol=1e-3, atol=1e-3)
+    assert float(jnp.abs(logits - as_is.apply(variables, images)).max()) > 1e-2
+
+
 def test_aux_logits_sown_at_input_size(small_model_and_variables):
     """With aux_head and train=True the aux logits are sown at the input height and width."""
     _, variables = small_model_and_variables
@@ -185,7 +202,7 @@ def test_adaptive_avg_pool_non_dividing_size_equals_pytorch_bins(bins, size):
 def test_batchnorm_train_updates_stats_and_eval_is_deterministic(small_model_and_variables):
     """Train mode updates batch_stats (first BN by momentum 0.9); eval is deterministic, dropout off."""
     model, variables = small_model_and_variables
-    images = _images((2, 17, 23, 3), seed=5)
+    images = _images((2, 32, 64, 3), seed=5)  # on the 32-pixel grid: the stem sees the images as they are
     logits_a, state = _train_apply(variables, images, jax.random.key(0))
     logits_b, _ = _train_apply(variables, images, jax.random.key(1))
     assert not np.allclose(logits_a, logits_b)  # Dropout is active when training.

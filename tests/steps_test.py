@@ -226,9 +226,9 @@ def test_predict_scores_plain_is_the_logits_and_test_time_augmentation_averages_
     assert float(jnp.abs(probs - jax.nn.softmax(logits, -1)).max()) > 1e-3
 
 
-def test_test_time_views_have_sides_that_are_multiples_of_the_output_stride():
-    """Each rescaled view is sized to multiples of 8 (the logits' stride), near scale x the input's sides,
-    and its probabilities come back at the input's size."""
+def test_test_time_views_are_the_scaled_sizes_and_come_back_at_the_input_size():
+    """Each view is the input resized to scale x its sides (rounded; the model puts them on its grid), and
+    its probabilities come back at the input's size."""
 
     class Recorder:
         """Stands in for the model: records the views' shapes and returns one-hot logits of class 0."""
@@ -243,7 +243,7 @@ def test_test_time_views_have_sides_that_are_multiples_of_the_output_stride():
     images = jnp.zeros((1, 360, 480, 3))
     recorder = Recorder()
     probs = steps.predict_scores(recorder, {}, images, scales=(0.5, 0.75, 1.25), flip=True)
-    assert recorder.shapes == [(1, h, w, 3) for h, w in ((176, 240), (272, 360), (448, 600)) for _ in "ab"]
+    assert recorder.shapes == [(1, h, w, 3) for h, w in ((180, 240), (270, 360), (450, 600)) for _ in "ab"]
     assert probs.shape == (1, 360, 480, 3)
     np.testing.assert_allclose(probs[..., 0], 1.0, rtol=1e-4)
 
