@@ -101,7 +101,8 @@ def test_logits_shape_and_dtype(small_model_and_variables, size):
 def test_off_grid_images_run_at_the_nearest_multiple_of_32(small_model_and_variables):
     """Sides off the network's 32-pixel grid are resized to the nearest multiple and the 1/8 logits
     resized back to the image's size: the same logits as doing that by hand around a model that runs any
-    size as is, and not the logits that model gives at the image's own size. Tramac's conventions keep it."""
+    size as is, and not the logits that model gives at the image's own size. Tramac's conventions keep the
+    image's size."""
     model, variables = small_model_and_variables
     assert model.grid_size((360, 480)) == (352, 480)
     assert model.grid_size((100, 80)) == (96, 96)  # 2.5 multiples round up
@@ -153,11 +154,14 @@ def _numpy_bilinear(x: np.ndarray, size) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("src,dst", [((23, 31), (7, 9)), ((12, 16), (5, 16)), ((6, 4), (10, 3))])
-def test_resize_bilinear_equals_numpy_reference(src, dst):
-    """Downsampling (and mixed resizes) equal a direct numpy half-pixel bilinear reference."""
+@pytest.mark.parametrize(
+    "src,dst", [((23, 31), (7, 9)), ((12, 16), (5, 16)), ((6, 4), (10, 3)), ((36, 48), (35, 48))]
+)
+@pytest.mark.parametrize("resize", [models.resize_bilinear, models.resize_bilinear_two_tap])
+def test_resize_bilinear_equals_numpy_reference(src, dst, resize):
+    """Downsampling (and mixed resizes) equal a direct numpy half-pixel bilinear reference, in both forms."""
     x = np.random.default_rng(1).normal(size=(2, *src, 3)).astype(np.float32)
-    out = models.resize_bilinear(jnp.asarray(x), dst)
+    out = resize(jnp.asarray(x), dst)
     np.testing.assert_allclose(out, _numpy_bilinear(x, dst), rtol=1e-5, atol=1e-5)
 
 
