@@ -51,15 +51,20 @@ def interpolation_matrix(out_size: int, in_size: int, align_corners: bool = Fals
     """
     if align_corners:
         return _align_corners_matrix(out_size, in_size)
-    scale = in_size / out_size
-    src = np.clip((np.arange(out_size) + 0.5) * scale - 0.5, 0.0, in_size - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = (src - lo).astype(np.float32)
+    lo, hi, frac = _half_pixel_taps(out_size, in_size)
     matrix = np.zeros((out_size, in_size), np.float32)
     np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
     np.add.at(matrix, (np.arange(out_size), hi), frac)
     return matrix
+
+
+def _half_pixel_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output pixel, the two input pixels it interpolates and the second one's weight (half-pixel
+    centres, edges clamped)."""
+    src = np.clip((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0, in_size - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo).astype(np.float32)
 
 
 def resize_bilinear_two_tap(x: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -73,12 +78,10 @@ def resize_bilinear_two_tap(x: jax.Array, size: Sequence[int]) -> jax.Array:
         in_size = x.shape[axis]
         if out_size == in_size:
             continue
-        src = np.clip((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0, in_size - 1)
-        lo = np.floor(src).astype(np.int32)
-        hi = np.minimum(lo + 1, in_size - 1)
+        lo, hi, frac = _half_pixel_taps(out_size, in_size)
         shape = [1] * x.ndim
         shape[axis] = out_size
-        frac = jnp.asarray((src - lo).reshape(shape), x.dtype)
+        frac = jnp.asarray(frac.reshape(shape), x.dtype)
         low, high = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
         x = low + (high - low) * frac
     return x
