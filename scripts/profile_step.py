@@ -7,7 +7,8 @@ Prints the mean time of three steps (after three warm-up steps), then the XLA op
 longest in a jax.profiler trace of three steps (time summed over the threads that ran them, so per-step
 totals exceed the step time), each with its output shape and the JAX op it came from, then totals by kind.
 This is how benchmarks/README.md's "where the time goes" numbers were found. Writes the trace under
-/tmp/profile_step_<mode>.
+/tmp/profile_step_<mode>. For the train step it also prints XLA's cost analysis (FLOPs, bytes accessed) and
+the number of fusions.
 """
 
 import collections
@@ -68,7 +69,14 @@ print("top events (us total over 3 steps, summed over threads)")
 for k, v in tot.most_common(60):
     print(f"{v / 3 / 1e3:9.2f} ms {cnt[k] // 3:4d}x  {k[:110]}")
 if mode == "train":
-    txt = r.train_step.lower(r.state, sharded).compile().as_text()
+    compiled = r.train_step.lower(r.state, sharded).compile()
+    txt = compiled.as_text()
+    # What XLA counts in the step: compares two versions of the code by their arithmetic and memory traffic,
+    # which, unlike their times, this machine's drift does not move.
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(f"cost: {cost['flops'] / 1e9:.3f} GFLOP, {cost['bytes accessed'] / 1e9:.3f} GB accessed, ", end="")
+    print(f"{txt.count(' fusion(')} fusions")
 else:
     tuned = r.tuned_infer(imgs.shape)  # the library `autotune` chose for it at the first call
     options = autotune.COMPILER_OPTIONS[tuned.library]
