@@ -84,58 +84,58 @@ def test_early_stopping_and_divergence(tmp_path):
         assert bool(steps.all_finite(variables["params"])), f"non-finite checkpoint {step_dir}"
 
 
-def test_held_out_sequence_is_left_out_of_training_and_evaluated_beside_val(tmp_path):
-    """With `holdout_sequence`, that sequence's train frames are evaluated (and select the best step) beside
-    val; a sequence the train split lacks is refused, naming the key and the sequences there are."""
+def test_train_plus_val_with_a_held_out_sequence_and_moving_average(tmp_path):
+    """`train_split='train+val'` trains on both splits without the frames of `holdout_sequence`; that
+    sequence's train frames are evaluated (and select the best step) beside val. With `ema_decay` the moving
+    average, not the raw weights, is what the best checkpoint and a training state give for inference. A
+    held-out sequence the split lacks, or a split the dataset lacks, is refused, naming the key."""
     config = _fake_run_config(tmp_path, sequences=("0001TP", "0006R0"))
-    config.holdout_sequence = "0006R0"
-    config.num_train_steps = 2
-    config.eval_every_steps = 2
-    config.batch_size = 1  # two training frames are left
-    config.eval_batch_size = 1
-    workdir = tmp_path / "held_out"
-    best = train.train_and_evaluate(config, str(workdir))
-    held_out = json.loads((workdir / "eval_0006R0.json").read_text())
-    val = json.loads((workdir / "eval_val.json").read_text())
-    assert best["miou"] == held_out["miou"] and best["step"] == held_out["step"] == 2
-    # The two 0006R0 frames (train0001, train0003) and nothing else were scored: every non-void pixel once.
-    held_out_masks = [
-        np.asarray(Image.open(pathlib.Path(config.dataset_dir) / "trainannot" / n))
-        for n in ("0006R0_train0001.png", "0006R0_train0003.png")
-    ]
-    assert np.sum(held_out["confusion_matrix"]) == sum(int((m != 11).sum()) for m in held_out_masks)
-    assert np.sum(val["confusion_matrix"]) > 0
-
-    config.holdout_sequence = "0016E5"
-    with pytest.raises(steps.ConfigError, match=r"config.holdout_sequence='0016E5'.*0001TP, 0006R0"):
-        train.train_and_evaluate(config, str(tmp_path / "bad"))
-
-
-def test_train_plus_val_with_moving_average(tmp_path):
-    """`train_split='train+val'` trains on both splits (one epoch is their 8 examples at batch 1); with
-    `ema_decay` the moving average, not the raw weights, is what the best checkpoint and a training state
-    give for inference. A split the dataset lacks is refused, naming the key."""
-    config = _fake_run_config(tmp_path)
     config.train_split = "train+val"
+    config.holdout_sequence = "0006R0"
     config.ema_decay = 0.9
     config.num_train_steps = -1
     config.num_epochs = 1
     config.batch_size = 1
-    config.eval_every_steps = 8
+    config.eval_batch_size = 1
+    config.eval_every_steps = 4
     workdir = tmp_path / "train_val"
     best = train.train_and_evaluate(config, str(workdir))
-    assert best["step"] == 8  # 4 train + 4 val examples, one epoch
+    # One epoch: the 0001TP frames of train and of val (2 + 2), the 0006R0 ones left out.
+    assert best["step"] == 4
+    held_out = json.loads((workdir / "eval_0006R0.json").read_text())
+    val = json.loads((workdir / "eval_val.json").read_text())
+    assert best["miou"] == held_out["miou"] and held_out["step"] == 4
+
+    # The two 0006R0 train frames (train0001, train0003) and nothing else were scored: every non-void pixel
+    # once. Val is scored whole.
+    def non_void(split, names):
+        masks = [
+            np.asarray(Image.open(pathlib.Path(config.dataset_dir) / f"{split}annot" / n)) for n in names
+        ]
+        return sum(int((m != 11).sum()) for m in masks)
+
+    assert np.sum(held_out["confusion_matrix"]) == non_void(
+        "train", ["0006R0_train0001.png", "0006R0_train0003.png"]
+    )
+    assert np.sum(val["confusion_matrix"]) == non_void(
+        "val", [f"{s}_val{i:04d}.png" for i, s in enumerate(["0001TP", "0006R0"] * 2)]
+    )
+
     latest, latest_meta = checkpointing.load_variables(str(workdir / "checkpoints"))
     # What a release of the final state keeps: no digest of the training state the variables came from.
-    assert latest_meta["step"] == 8 and checkpointing.DIGEST_KEY not in latest_meta
+    assert latest_meta["step"] == 4 and checkpointing.DIGEST_KEY not in latest_meta
     best_variables, _ = checkpointing.load_variables(str(workdir / "best"))
-    state = checkpointing._restore_arrays(workdir / "checkpoints" / "8" / "state")
+    state = checkpointing._restore_arrays(workdir / "checkpoints" / "4" / "state")
     for name in ("params", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, latest[name], state["ema"][name])
         jax.tree.map(np.testing.assert_array_equal, best_variables[name], state["ema"][name])
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state["ema"]["params"], state["params"])
     assert max(jax.tree.leaves(moved)) > 0  # the average lags the raw weights
 
+    config.holdout_sequence = "0016E5"
+    with pytest.raises(steps.ConfigError, match=r"config.holdout_sequence='0016E5'.*0001TP, 0006R0"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
+    config.holdout_sequence = ""
     config.train_split = "train+trainval"
     with pytest.raises(
         steps.ConfigError, match=r"config.train_split='train\+trainval': split \"trainval\" not found"
