@@ -198,6 +198,8 @@ def machine_info() -> dict:
         "versions": versions,
         # The user's malloc settings (see fastscnn_jax/cpu): both frameworks run under them.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        # False with `--jax_cpu_enable_async_dispatch=false`: CPU computations on the calling thread.
+        "jax_cpu_async_dispatch": bool(jax.config.values["jax_cpu_enable_async_dispatch"]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

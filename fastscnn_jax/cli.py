@@ -1,7 +1,9 @@
-"""Command-line plumbing shared by the entry points: flag parsing that reports bad config keys plainly."""
+"""Command-line plumbing shared by the entry points: flag parsing that reports bad config keys plainly, with
+JAX's options as flags."""
 
 import sys
 
+import jax
 from absl import flags, logging
 
 
@@ -10,7 +12,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     A missing config file, or a misspelt or mistyped `--config.KEY=VALUE` override, makes ml_collections
     raise deep inside flag parsing or later; this reports it in one message naming the flag and exits 1.
+
+    JAX's options are flags too (`jax.config.config_with_absl`), set before `main` runs: most of them, such
+    as `--jax_cpu_enable_async_dispatch=false`, are read from no environment variable, and some must be set
+    before JAX's backends start.
     """
+    if "jax_cpu_enable_async_dispatch" not in flags.FLAGS:
+        jax.config.config_with_absl()
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS:

@@ -37,9 +37,11 @@ def _run(*args, pythonpath=REPO):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_flags):
-    """One float32 run of every mode; returns (completed process, parsed JSON report)."""
+    """One float32 run of every mode, with one of JAX's options as a flag; returns (completed process, parsed
+    JSON report)."""
     output = tmp_path_factory.mktemp("benchmark") / "tiny.json"
-    result = _run(*TINY_FLAGS, "--rounds=2", f"--output={output}", *data_flags)
+    flags = [*TINY_FLAGS, "--rounds=2", f"--output={output}", "--jax_cpu_enable_async_dispatch=false"]
+    result = _run(*flags, *data_flags)
     assert result.returncode == 0, result.stderr[-4000:]
     return result, json.loads(output.read_text())
 
@@ -76,6 +78,8 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
     assert machine["processor"] and set(machine["cpu_features"] or []) <= set(benchmark.CPU_FEATURES)
     # The user's malloc settings, as the process had them (it no longer changes them itself).
     assert machine["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES")
+    # JAX's options are the entry points' flags (JAX reads this one from no environment variable).
+    assert machine["jax_cpu_async_dispatch"] is False
 
 
 def test_cpu_info_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
