@@ -5,13 +5,14 @@ Opt-in through `config.cpu_layer` ('auto', the default, turns it on when JAX's b
 once by `steps.select_layer`; nothing in the core imports this package. Why each form exists is said where
 it is defined (`conv.py`, `loss.py`, `resize.py`); what each one gains is measured in benchmarks/README.md.
 
-Process-wide settings are left to the user, since they must be set before Python starts:
+Process-wide settings are left to the user (glibc reads its tunables only when a process starts):
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` lets malloc back XLA:CPU's large per-step buffers with transparent
 huge pages, which saves most of the page faults of touching them afresh every step. Adding
-`:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776` with `JAX_CPU_ENABLE_ASYNC_DISPATCH=0`
-(computations on the calling thread, whose arena those settings govern) removes the rest, at the price of
-keeping the process at its peak memory. The code before this layer set all of them on itself by restarting
-the process; benchmarks/README.md measures them.
+`:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776`, with the entry point's flag
+`--jax_cpu_enable_async_dispatch=false` (computations on the calling thread, whose arena those settings
+govern; JAX reads this option from no environment variable), removes the rest, at the price of keeping the
+process at its peak memory. The code before this layer set all of them on itself by restarting the process;
+benchmarks/README.md measures them.
 """
 
 import functools
