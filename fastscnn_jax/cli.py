@@ -17,7 +17,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     as `--jax_cpu_enable_async_dispatch=false`, are read from no environment variable, and some must be set
     before JAX's backends start.
     """
-    if "jax_cpu_enable_async_dispatch" not in flags.FLAGS:
+    if "jax_cpu_enable_async_dispatch" not in flags.FLAGS:  # absl refuses to define a flag twice
         jax.config.config_with_absl()
     try:
         remaining = flags.FLAGS(argv)
