@@ -62,8 +62,9 @@ def _fake_run_config(tmp_path, sequences=("0001TP",)):
     return config
 
 
-def test_early_stopping_and_divergence(tmp_path):
-    """No val gain for `patience` evaluations stops the run; a diverging run stops, naming the step."""
+def test_early_stopping_and_divergence(tmp_path, monkeypatch):
+    """No val gain for `patience` evaluations stops the run; a run whose parameters turn non-finite stops,
+    naming the step, and keeps only the finite checkpoints before it."""
     config = _fake_run_config(tmp_path)
     config.learning_rate = 1e-12  # next to nothing is learned: val mIoU soon stops improving
     config.early_stopping_patience = 2
@@ -72,16 +73,34 @@ def test_early_stopping_and_divergence(tmp_path):
     meta = checkpointing.Checkpoints(str(workdir)).latest_meta()
     assert meta["step"] < config.num_train_steps and meta["evals_since_best"] == 2, meta
 
+    # Divergence at step 3, injected into the same compiled step (a learning rate that really diverges is
+    # another program to compile): its parameters come back NaN.
+    make_train_step = steps.make_train_step
+
+    def diverging_at_step_3(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def run(state, batch):
+            state, step_metrics = step(state, batch)
+            if int(state.step) == 3:
+                state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+            return state, step_metrics
+
+        return run
+
+    monkeypatch.setattr(steps, "make_train_step", diverging_at_step_3)
     config = _fake_run_config(tmp_path)
-    config.learning_rate = 1e30
-    config.grad_clip_norm = 1e30
+    config.learning_rate = 1e-12
     config.log_every_steps = 100  # the parameter check before saving must catch it on its own
-    with pytest.raises(FloatingPointError, match="at step"):
+    with pytest.raises(
+        FloatingPointError, match="parameters are not finite at step 3; stopping without saving"
+    ):
         train.train_and_evaluate(config, str(tmp_path / "diverged"))
-    saved = [p for p in (tmp_path / "diverged" / "checkpoints").iterdir() if p.name.isdigit()]
-    for step_dir in saved:
-        variables, _ = checkpointing.load_variables(str(step_dir))
-        assert bool(steps.all_finite(variables["params"])), f"non-finite checkpoint {step_dir}"
+    saved = sorted(int(p.name) for p in (tmp_path / "diverged" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [1, 2], saved
+    for step in saved:
+        variables, _ = checkpointing.load_variables(str(tmp_path / "diverged" / "checkpoints" / str(step)))
+        assert bool(steps.all_finite(variables["params"])), f"non-finite checkpoint {step}"
 
 
 def test_train_plus_val_with_a_held_out_sequence_and_moving_average(tmp_path):
