@@ -280,7 +280,6 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     # on one CPU and not on another. In float64 rounding is 1e-16 and the comparison can be tight: only the
     # partitioning itself could make the runs differ beyond it.
     jax.config.update("jax_enable_x64", True)
-    from flax import linen as nn
     from tests.steps_test import _small_setup
     from fastscnn_jax import steps
     from configs import tiny
