@@ -92,7 +92,11 @@ def _run_main(workdir, data_flags):
 
 @pytest.fixture(scope="module")
 def killed_mid_save(tmp_path_factory, data_flags):
-    """A run killed (-9) while saving step 6, then resumed by the normal command to the end.
+    """A run killed (-9) while saving step 6; then step 4, the newest complete checkpoint, damaged (every
+    array file truncated); then the normal command resumed to the end.
+
+    Both faults in one resume: each is a whole training process (most of this file's time), and the resume
+    must handle them in turn, ignoring the partial save and setting the damaged step aside.
 
     Returns (workdir, complete steps and partial folders at the kill, CompletedProcess of the resume).
     """
@@ -131,53 +135,36 @@ def killed_mid_save(tmp_path_factory, data_flags):
         )
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
+    _truncate_state(workdir / "checkpoints" / "4")
     return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, data_flags)
 
 
-def test_kill_during_save_resumes_from_the_previous_checkpoint(killed_mid_save, tmp_path_factory, data_flags):
-    """kill -9 while step 6 is being written: the rerun ignores the partial save, says so, resumes from step 4
-    and ends with the parameters of the uninterrupted run."""
+def test_kill_during_save_then_a_damaged_step_resume_from_the_step_before(
+    killed_mid_save, tmp_path_factory, data_flags
+):
+    """kill -9 while step 6 is being written, then step 4 damaged: the rerun ignores the partial save, names
+    step 4 and why it does not restore, moves it aside, resumes from step 2 and ends with the parameters (and
+    the best checkpoint) of the uninterrupted run."""
     workdir, steps_at_kill, partial_at_kill, result = killed_mid_save
     assert steps_at_kill == [2, 4]
     assert partial_at_kill == [f"6{checkpointing.PARTIAL_MARK}"]
     assert result.returncode == 0, result.stderr[-4000:]
-    partial = workdir / "checkpoints" / f"6{checkpointing.PARTIAL_MARK}"
+    checkpoints = workdir / "checkpoints"
+    assert f"Checkpoint step 4 in {checkpoints} does not restore; skipping it." in result.stderr
+    moved = workdir / checkpointing.CORRUPT_DIR / "4"
+    assert (
+        f"Moved checkpoint step 4, which does not restore, to {moved}; resuming from step 2." in result.stderr
+    ), result.stderr[-4000:]
+    partial = checkpoints / f"6{checkpointing.PARTIAL_MARK}"
     assert (
         f"Ignoring partial checkpoint {partial} (a save that never completed: the process was killed while "
-        "saving); resuming from step 4, the newest complete checkpoint." in result.stderr
+        "saving); resuming from step 2, the newest complete checkpoint." in result.stderr
     ), result.stderr[-4000:]
-    assert "Resuming from step 4" in result.stderr
+    assert "Resuming from step 2" in result.stderr
     assert not list(workdir.rglob(f"*{checkpointing.PARTIAL_MARK}*"))
-    assert _steps(workdir) == [8, FINAL]
-    reference = uninterrupted_run(tmp_path_factory, data_flags)[0]
-    _assert_same_variables(workdir / "checkpoints" / str(FINAL), reference / "checkpoints" / str(FINAL))
-
-
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
-    killed_mid_save, tmp_path, tmp_path_factory, data_flags
-):
-    """A truncated file in the newest step (10): the rerun names it and why, moves it aside, resumes from
-    step 8 and reaches step 10 again with the uninterrupted run's parameters (the best checkpoint of step 10,
-    saved again after the same evaluation, is replaced)."""
-    workdir = tmp_path / "run"
-    shutil.copytree(killed_mid_save[0], workdir)
-    _truncate_state(workdir / "checkpoints" / str(FINAL))
-    result = _run_main(workdir, data_flags)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert (
-        f"Checkpoint step {FINAL} in {workdir / 'checkpoints'} does not restore; skipping it."
-        in result.stderr
-    )
-    moved = workdir / checkpointing.CORRUPT_DIR / str(FINAL)
-    assert (
-        f"Moved checkpoint step {FINAL}, which does not restore, to {moved}; resuming from step 8."
-        in result.stderr
-    )
-    assert "Resuming from step 8" in result.stderr
-    assert f"Replacing checkpoint step {FINAL} in {workdir / 'best'}" in result.stderr
     assert (moved / "state").is_dir() and _steps(workdir) == [8, FINAL]
     reference = uninterrupted_run(tmp_path_factory, data_flags)[0]
-    _assert_same_variables(workdir / "checkpoints" / str(FINAL), reference / "checkpoints" / str(FINAL))
+    _assert_same_variables(checkpoints / str(FINAL), reference / "checkpoints" / str(FINAL))
     _assert_same_variables(workdir / "best" / str(FINAL), reference / "best" / str(FINAL))
 
 
@@ -202,7 +189,9 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save
     assert "(step 10: ValueError: the state read back has SHA-256 " in result.stderr
     assert "; step 8: ValueError: OUT_OF_RANGE: " in result.stderr
     assert "did not start from scratch" in result.stderr
-    assert _steps(workdir) == [8, FINAL] and not (workdir / checkpointing.CORRUPT_DIR).exists()
+    # Nothing moved: both steps in place, and only the fixture's step 4 set aside.
+    assert _steps(workdir) == [8, FINAL]
+    assert [p.name for p in (workdir / checkpointing.CORRUPT_DIR).iterdir()] == ["4"]
 
 
 # In-process checks of `Checkpoints` on a small state, one per kind of damage.

@@ -77,7 +77,8 @@ def test_training_runs_from_a_camvid_folder(env, tmp_path):
     folder = make_fake_camvid(tmp_path / "camvid", n=6, size=(64, 96), sequences=("0001TP", "0006R0"))
     workdir = tmp_path / "run"
     args = ["--config=configs/tiny.py", f"--config.dataset_dir={folder}", "--config.train_split=train+val"]
-    args += ["--config.holdout_sequence=0006R0", f"--workdir={workdir}"]
+    # One checkpoint, at the end: periodic saves are tests/main_test.py's and tests/faults_test.py's.
+    args += ["--config.holdout_sequence=0006R0", "--config.checkpoint_every_steps=10", f"--workdir={workdir}"]
     result = _python(env, "-c", RUN_MODULE, "fastscnn_jax.main", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "with PIL (no TensorFlow here)" in result.stderr

@@ -68,6 +68,7 @@ def test_early_stopping_and_divergence(tmp_path, monkeypatch):
     config = _fake_run_config(tmp_path)
     config.learning_rate = 1e-12  # next to nothing is learned: val mIoU soon stops improving
     config.early_stopping_patience = 2
+    config.checkpoint_every_steps = 100  # saved only when it stops (a save costs more than a step here)
     workdir = tmp_path / "early"
     train.train_and_evaluate(config, str(workdir))
     meta = checkpointing.Checkpoints(str(workdir)).latest_meta()
@@ -117,6 +118,7 @@ def test_train_plus_val_with_a_held_out_sequence_and_moving_average(tmp_path):
     config.batch_size = 1
     config.eval_batch_size = 1
     config.eval_every_steps = 4
+    config.checkpoint_every_steps = 4
     workdir = tmp_path / "train_val"
     best = train.train_and_evaluate(config, str(workdir))
     # One epoch: the 0001TP frames of train and of val (2 + 2), the 0006R0 ones left out.
