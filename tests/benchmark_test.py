@@ -1,4 +1,7 @@
-"""Tests of `python -m fastscnn_jax.benchmark`: the real command, tiny, on real CamVid; no torch needed."""
+"""Tests of `python -m fastscnn_jax.benchmark`: the real command, tiny, on the small CamVid of conftest.py.
+
+No torch needed: the PyTorch rows are tested where it is installed.
+"""
 
 import importlib.util
 import json
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastscnn_jax import benchmark
+from tests.conftest import SMALL_CAMVID_SIZE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -38,7 +42,7 @@ def _run(*args, pythonpath=REPO):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_flags):
+def tiny_run(tmp_path_factory, small_data_flags):
     """One float32 run of every mode, with one of JAX's options as a flag and, where torch is installed,
     PyTorch in NHWC memory under bfloat16 autocast beside it; returns (completed process, parsed JSON report).
     """
@@ -46,7 +50,7 @@ def tiny_run(tmp_path_factory, data_flags):
     flags = [*TINY_FLAGS, "--rounds=2", f"--output={output}", "--jax_cpu_enable_async_dispatch=false"]
     if HAS_TORCH:
         flags += ["--torch-modes=channels_last", "--torch-dtypes=bfloat16"]
-    result = _run(*flags, *data_flags)
+    result = _run(*flags, *small_data_flags)
     assert result.returncode == 0, result.stderr[-4000:]
     return result, json.loads(output.read_text())
 
@@ -74,7 +78,7 @@ def test_report_has_a_row_per_mode_with_every_key(tiny_run):
         assert row["median_ms"] == pytest.approx(float(np.median(row["times_ms"])), abs=1e-3)
     pipeline = next(r for r in rows if r["mode"] == "input_pipeline")
     # Whole CamVid frames at tiny.py's batch: the train step crops them.
-    assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (360, 480, 4)
+    assert (pipeline["height"], pipeline["width"], pipeline["batch"]) == (*SMALL_CAMVID_SIZE, 4)
     assert pipeline["layer"] is None
     # The PyTorch rows are bfloat16: none matches a float32 JAX row, so there is no ratio to take.
     assert not any("ratio_vs_torch" in r for r in report["rows"])

@@ -1,8 +1,8 @@
 """Faults while training: kill -9 in the middle of a checkpoint save, and damaged checkpoints.
 
-The end-to-end tests run the real command on the real CamVid with configs/tiny.py (a checkpoint every 2 of
-10 steps, 2 kept) and compare final parameters with the uninterrupted run of tests/main_test.py, sharing its
-JAX compilation cache so that each run here skips the compiling.
+The end-to-end tests run the real command with configs/tiny.py (a checkpoint every 2 of 10 steps, 2 kept) on
+the small CamVid of tests/conftest.py and compare final parameters with the uninterrupted run of
+tests/main_test.py, sharing its JAX compilation cache so that each run here skips the compiling.
 """
 
 import shutil
@@ -79,10 +79,10 @@ def _swap_state(step_dir, other_step_dir):
     shutil.copytree(other_step_dir / "state", step_dir / "state")
 
 
-def _run_main(workdir, data_flags):
+def _run_main(workdir, small_data_flags):
     """The normal training command on `workdir`, to completion."""
     return subprocess.run(
-        _command("main", f"--workdir={workdir}", data_flags=data_flags),
+        _command("main", f"--workdir={workdir}", data_flags=small_data_flags),
         env=compile_cache_env(),
         capture_output=True,
         text=True,
@@ -91,7 +91,7 @@ def _run_main(workdir, data_flags):
 
 
 @pytest.fixture(scope="module")
-def killed_mid_save(tmp_path_factory, data_flags):
+def killed_mid_save(tmp_path_factory, small_data_flags):
     """A run killed (-9) while saving step 6; then step 4, the newest complete checkpoint, damaged (every
     array file truncated); then the normal command resumed to the end.
 
@@ -100,7 +100,7 @@ def killed_mid_save(tmp_path_factory, data_flags):
 
     Returns (workdir, complete steps and partial folders at the kill, CompletedProcess of the resume).
     """
-    uninterrupted_run(tmp_path_factory, data_flags)  # fills the compilation cache first
+    uninterrupted_run(tmp_path_factory, small_data_flags)  # fills the compilation cache first
     root = tmp_path_factory.mktemp("killed_mid_save")
     workdir = root / "run"
     (root / "driver.py").write_text(DRIVER)
@@ -117,7 +117,7 @@ def killed_mid_save(tmp_path_factory, data_flags):
                 sys.executable,
                 str(root / "driver.py"),
                 f"--config={TINY}",
-                *data_flags,
+                *small_data_flags,
                 f"--workdir={workdir}",
             ],
             env=env,
@@ -136,11 +136,11 @@ def killed_mid_save(tmp_path_factory, data_flags):
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
     _truncate_state(workdir / "checkpoints" / "4")
-    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, data_flags)
+    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, small_data_flags)
 
 
 def test_kill_during_save_then_a_damaged_step_resume_from_the_step_before(
-    killed_mid_save, tmp_path_factory, data_flags
+    killed_mid_save, tmp_path_factory, small_data_flags
 ):
     """kill -9 while step 6 is being written, then step 4 damaged: the rerun ignores the partial save, names
     step 4 and why it does not restore, moves it aside, resumes from step 2 and ends with the parameters (and
@@ -163,12 +163,12 @@ def test_kill_during_save_then_a_damaged_step_resume_from_the_step_before(
     assert "Resuming from step 2" in result.stderr
     assert not list(workdir.rglob(f"*{checkpointing.PARTIAL_MARK}*"))
     assert (moved / "state").is_dir() and _steps(workdir) == [8, FINAL]
-    reference = uninterrupted_run(tmp_path_factory, data_flags)[0]
+    reference = uninterrupted_run(tmp_path_factory, small_data_flags)[0]
     _assert_same_variables(checkpoints / str(FINAL), reference / "checkpoints" / str(FINAL))
     _assert_same_variables(workdir / "best" / str(FINAL), reference / "best" / str(FINAL))
 
 
-def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save, tmp_path, data_flags):
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save, tmp_path, small_data_flags):
     """Every checkpoint damaged (step 10: the state files of step 8, which orbax reads without error, caught
     by the SHA-256 saved with step 10; step 8: a truncated file): the command fails naming each step and why,
     and changes nothing."""
@@ -179,7 +179,7 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save
     # values, which differ between CPUs (a CI run on another machine reported another reason for step 10).
     _swap_state(workdir / "checkpoints" / str(FINAL), workdir / "checkpoints" / "8")
     _truncate_state(workdir / "checkpoints" / "8")
-    result = _run_main(workdir, data_flags)
+    result = _run_main(workdir, small_data_flags)
     assert result.returncode != 0, result.stderr[-4000:]
     # One line from main, naming the folder and each step's reason, not a traceback of ours (orbax's threads
     # may still print "Event loop is closed" tracebacks at exit).

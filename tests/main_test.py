@@ -1,4 +1,7 @@
-"""End-to-end tests of the command-line entry points on real CamVid: train, SIGTERM and resume, evaluate."""
+"""End-to-end tests of the command-line entry points: train, SIGTERM and resume, evaluate.
+
+The runs train configs/tiny.py on the small synthetic CamVid of tests/conftest.py (`small_camvid`).
+"""
 
 import fcntl
 import json
@@ -12,10 +15,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import tiny
 from fastscnn_jax import camvid, checkpointing, evaluate
+from tests.conftest import non_void_pixels, shared_temp_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -77,9 +80,7 @@ def uninterrupted_run(tmp_path_factory, data_flags):
     """
     if "trained" in _SESSION:
         return _SESSION["trained"]
-    root = tmp_path_factory.getbasetemp()  # this process's; with xdist, its parent is all workers'
-    shared = (root.parent if "PYTEST_XDIST_WORKER" in os.environ else root) / "uninterrupted_run"
-    shared.mkdir(exist_ok=True)
+    shared = shared_temp_dir(tmp_path_factory, "uninterrupted_run")
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         record = shared / "result.json"
@@ -93,9 +94,9 @@ def uninterrupted_run(tmp_path_factory, data_flags):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_flags):
+def trained(tmp_path_factory, small_data_flags):
     """An uninterrupted tiny run, started with no --workdir from an empty directory."""
-    return uninterrupted_run(tmp_path_factory, data_flags)
+    return uninterrupted_run(tmp_path_factory, small_data_flags)
 
 
 def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):
@@ -112,12 +113,12 @@ def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):
     assert "parameter" in result.stderr.lower() or "Total" in result.stderr  # parameter overview logged
 
 
-def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, data_flags):
+def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, small_data_flags):
     """SIGTERM (as on preemption) after the first checkpoint: the run saves a checkpoint of the step it was at
     and exits 0; the same command again ends with bit-equal final parameters. (kill -9, with no save at the
     signal, is tests/faults_test.py's: killed in the middle of a save, resumed, compared the same way.)"""
     workdir = tmp_path / "run"
-    command = _command("main", f"--workdir={workdir}", data_flags=data_flags)
+    command = _command("main", f"--workdir={workdir}", data_flags=small_data_flags)
     process = subprocess.Popen(
         command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -143,13 +144,17 @@ def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path
         np.testing.assert_array_equal(a, b)
 
 
-def test_evaluate_cli_reproduces_the_training_evaluation(trained, tmp_path, data_flags):
+def test_evaluate_cli_reproduces_the_training_evaluation(trained, tmp_path, small_camvid, small_data_flags):
     """`evaluate` on the workdir's best checkpoint gives the scores training recorded, and prints a table."""
     workdir, _ = trained
     output = tmp_path / "eval.json"
     result = subprocess.run(
         _command(
-            "evaluate", f"--workdir={workdir}", f"--output={output}", "--split=val", data_flags=data_flags
+            "evaluate",
+            f"--workdir={workdir}",
+            f"--output={output}",
+            "--split=val",
+            data_flags=small_data_flags,
         ),
         env=_env(),
         capture_output=True,
@@ -161,39 +166,36 @@ def test_evaluate_cli_reproduces_the_training_evaluation(trained, tmp_path, data
     recorded = json.loads((workdir / "eval_val.json").read_text())
     assert got["miou"] == pytest.approx(recorded["miou"], abs=1e-6)
     assert got["pixel_accuracy"] == pytest.approx(recorded["pixel_accuracy"], abs=1e-6)
-    assert np.asarray(got["confusion_matrix"]).sum() > 0.9 * 101 * 360 * 480
+    assert np.asarray(got["confusion_matrix"]).sum() == non_void_pixels(small_camvid[0], "val")
     assert "Bicyclist" in result.stdout and "miou" in result.stdout
 
 
-def test_evaluate_missing_split_names_it(trained, real_camvid_dir, real_tfds_dir):
+def test_evaluate_missing_split_names_it(trained, small_camvid):
     """Asking for a split the local copy lacks is a DatasetError naming it."""
     config = tiny.get_config()
-    config.dataset_dir = str(real_camvid_dir)
-    config.tfds_data_dir = str(real_tfds_dir)
+    config.dataset_dir, config.tfds_data_dir = map(str, small_camvid)
     with pytest.raises(camvid.DatasetError, match='split "test"'):
         evaluate.evaluate_checkpoint(config, str(trained[0]), "test")
 
 
-def test_evaluate_one_sequence_scores_exactly_its_frames(trained, real_camvid_dir, real_tfds_dir):
+def test_evaluate_one_sequence_scores_exactly_its_frames(trained, small_camvid):
     """`--sequence` (here 0006R0 of train, the sequence to hold out) scores every non-void pixel of that
     sequence's frames once and nothing else; a sequence the split lacks is a DatasetError naming it."""
     config = tiny.get_config()
-    config.dataset_dir = str(real_camvid_dir)
-    config.tfds_data_dir = str(real_tfds_dir)
+    config.dataset_dir, config.tfds_data_dir = map(str, small_camvid)
     result = evaluate.evaluate_checkpoint(config, str(trained[0]), "train", "0006R0")
-    masks = sorted((real_camvid_dir / "trainannot").glob("0006R0_*.png"))
-    assert len(masks) == 101
-    non_void = sum(int((np.asarray(Image.open(m)) != camvid.IGNORE_LABEL).sum()) for m in masks)
-    assert np.asarray(result["confusion_matrix"]).sum() == non_void
+    all_train = non_void_pixels(small_camvid[0], "train")
+    assert np.asarray(result["confusion_matrix"]).sum() == non_void_pixels(small_camvid[0], "train", "0006R0")
+    assert 0 < np.asarray(result["confusion_matrix"]).sum() < all_train
     assert result["sequence"] == "0006R0"
     with pytest.raises(camvid.DatasetError, match='sequence "0006R0" has no frames in split "val"'):
         evaluate.evaluate_checkpoint(config, str(trained[0]), "val", "0006R0")
 
 
-def test_incompatible_workdir_is_a_clear_error(trained, data_flags):
+def test_incompatible_workdir_is_a_clear_error(trained, small_data_flags):
     """Resuming a workdir with another model width fails with a message naming the difference."""
     result = subprocess.run(
-        _command("main", f"--workdir={trained[0]}", "--config.model.width=0.5", data_flags=data_flags),
+        _command("main", f"--workdir={trained[0]}", "--config.model.width=0.5", data_flags=small_data_flags),
         env=_env(),
         capture_output=True,
         text=True,

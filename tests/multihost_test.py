@@ -1,8 +1,8 @@
 """Multi-process training on JAX's distributed runtime, proven on one machine over loopback (gloo on CPU).
 
-Two processes with one CPU device each train the tiny config on real CamVid; one process with two (fake) CPU
-devices trains on the same global batches. They must agree: per-step losses, final parameters and the
-evaluation, which each process computes on its own share of the split.
+Two processes with one CPU device each train the tiny config on the small CamVid of tests/conftest.py; one
+process with two (fake) CPU devices trains on the same global batches. They must agree: per-step losses, final
+parameters and the evaluation, which each process computes on its own share of the split.
 """
 
 import importlib.util
@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from configs import tiny
 from fastscnn_jax import checkpointing, multihost, steps
-from tests.conftest import xla_flags
+from tests.conftest import non_void_pixels, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -51,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _main(workdir, data_flags, *extra) -> list[str]:
+def _main(workdir, small_data_flags, *extra) -> list[str]:
     """argv of a tiny training run."""
     return [
         sys.executable,
@@ -59,7 +59,7 @@ def _main(workdir, data_flags, *extra) -> list[str]:
         "fastscnn_jax.main",
         f"--config={TINY}",
         f"--workdir={workdir}",
-        *data_flags,
+        *small_data_flags,
         *OVERRIDES,
         *extra,
     ]
@@ -76,7 +76,7 @@ def _losses(workdir) -> dict[int, float]:
     return losses
 
 
-def _start_two(workdir, data_flags, logdir, *extra) -> tuple[list, list]:
+def _start_two(workdir, small_data_flags, logdir, *extra) -> tuple[list, list]:
     """Starts a tiny training run as two processes (one CPU device each) on a free loopback port.
 
     Returns the processes and, for each, the (stdout, stderr) files it writes: files, not pipes, because a
@@ -86,7 +86,7 @@ def _start_two(workdir, data_flags, logdir, *extra) -> tuple[list, list]:
     processes, logs = [], []
     for i in range(2):
         out, err = logdir / f"process_{i}.out", logdir / f"process_{i}.err"
-        argv = _main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}")
+        argv = _main(workdir, small_data_flags, f"--coordinator_address=127.0.0.1:{port}")
         argv += ["--num_processes=2", f"--process_id={i}", *extra]
         with open(out, "w") as stdout, open(err, "w") as stderr:
             processes.append(subprocess.Popen(argv, env=_env(1), stdout=stdout, stderr=stderr))
@@ -95,7 +95,7 @@ def _start_two(workdir, data_flags, logdir, *extra) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_flags):
+def runs(tmp_path_factory, small_data_flags):
     """(2-process workdir, its two logs, 1-process-2-device workdir).
 
     The one-process run goes beside the two-process job, whose processes wait on each other at every
@@ -103,11 +103,11 @@ def runs(tmp_path_factory, data_flags):
     """
     root = tmp_path_factory.mktemp("multihost")
     two, one = root / "two_processes", root / "one_process"
-    processes, logs = _start_two(two, data_flags, root)
+    processes, logs = _start_two(two, small_data_flags, root)
     single_err = root / "one_process.err"
     with open(single_err, "w") as stderr:
         single = subprocess.Popen(
-            _main(one, data_flags), env=_env(2), stdout=subprocess.DEVNULL, stderr=stderr
+            _main(one, small_data_flags), env=_env(2), stdout=subprocess.DEVNULL, stderr=stderr
         )
     try:
         for p in [*processes, single]:
@@ -122,7 +122,7 @@ def runs(tmp_path_factory, data_flags):
     return two, outputs, one
 
 
-def test_two_processes_equal_one_process_with_two_devices(runs):
+def test_two_processes_equal_one_process_with_two_devices(runs, small_camvid):
     """Same losses at every step, same final parameters and BN statistics, same evaluation."""
     two, outputs, one = runs
     losses_two, losses_one = _losses(two), _losses(one)
@@ -136,12 +136,13 @@ def test_two_processes_equal_one_process_with_two_devices(runs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     scores_two = json.loads((two / "eval_val.json").read_text())
     scores_one = json.loads((one / "eval_val.json").read_text())
-    # Each val pixel counted exactly once across the two processes: 101 images of 360x480, void excluded.
+    # Each val pixel counted exactly once across the two processes (5 images: an uneven share),
+    # void excluded.
     matrix_two = np.asarray(scores_two["confusion_matrix"])
     np.testing.assert_array_equal(
         matrix_two.sum(axis=1), np.asarray(scores_one["confusion_matrix"]).sum(axis=1)
     )
-    assert 0.9 * 101 * 360 * 480 < matrix_two.sum() <= 101 * 360 * 480
+    assert matrix_two.sum() == non_void_pixels(small_camvid[0], "val")
     assert scores_two["miou"] == pytest.approx(scores_one["miou"], abs=1e-4)
 
 
@@ -221,7 +222,7 @@ def test_global_batch_must_divide_over_processes(monkeypatch):
     steps.validate_config(config)
 
 
-def test_sigterm_to_one_process_stops_the_job_at_one_step(runs, tmp_path, data_flags):
+def test_sigterm_to_one_process_stops_the_job_at_one_step(runs, tmp_path, small_data_flags):
     """Preemption of one host: JAX's runtime tells the others, all save the same step and exit cleanly.
 
     The job is the fixture's, so process 0 loads its programs from the compilation cache (process 1 compiles
@@ -230,7 +231,7 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step(runs, tmp_path, data_f
     last step: at step 1 in the runs seen, a step no periodic checkpoint saves.
     """
     workdir = tmp_path / "preempted"
-    processes, files = _start_two(workdir, data_flags, tmp_path)
+    processes, files = _start_two(workdir, small_data_flags, tmp_path)
     logs = [err for _, err in files]
 
     def tails() -> str:
