@@ -10,5 +10,6 @@ bash scripts/setup.sh
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 # Two workers (pytest-xdist), each test file on one of them (so its module-scoped fixtures are built once):
 # most tests wait on one single-threaded XLA compile at a time, so two take about 80% of the time one does
-# on 2 cores. PYTEST_WORKERS=0 runs everything in this process.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# on 2 cores. Files go to the workers in collection order, which tests/conftest.py sets (longest first).
+# PYTEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
