@@ -10,14 +10,21 @@ import pytest
 from PIL import Image
 
 from fastscnn_jax import camvid, checkpointing
+from tests.conftest import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CARD_EVAL = os.path.join(REPO, "docs", "eval_val.json")
 
 
 def _run(module, *args):
-    """Runs `python -m fastscnn_jax.<module>` from the repository root."""
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    """Runs `python -m fastscnn_jax.<module>` from the repository root, as a user would.
+
+    With XLA's default optimisation level, not the suite's level 0 (tests/conftest.py): these run the
+    full-width network over whole 360x480 images, 101 of them for evaluate, where running takes longer than
+    compiling.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", "XLA_FLAGS": flags}
     return subprocess.run(
         [sys.executable, "-m", f"fastscnn_jax.{module}", *args],
         cwd=REPO,
