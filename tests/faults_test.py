@@ -1,4 +1,4 @@
-"""Faults while training: kill -9 in the middle of a checkpoint save, and damaged checkpoints.
+"""Faults while training: SIGTERM, kill -9 in the middle of a checkpoint save, and damaged checkpoints.
 
 The end-to-end tests run the real command with configs/tiny.py (a checkpoint every 2 of 10 steps, 2 kept) on
 the small CamVid of tests/conftest.py and compare final parameters with the uninterrupted run of
@@ -91,35 +91,50 @@ def _run_main(workdir, small_data_flags):
 
 
 @pytest.fixture(scope="module")
-def killed_mid_save(tmp_path_factory, small_data_flags):
-    """A run killed (-9) while saving step 6; then step 4, the newest complete checkpoint, damaged (every
-    array file truncated); then the normal command resumed to the end.
+def interrupted(tmp_path_factory, small_data_flags):
+    """One run interrupted three ways in turn, then finished:
 
-    Both faults in one resume: each is a whole training process (most of this file's time), and the resume
-    must handle them in turn, ignoring the partial save and setting the damaged step aside.
+    1. SIGTERM (as on preemption) once its first checkpoint (step 2) is written: it saves the step it is at
+       and exits 0;
+    2. the same command again, which resumes there and is killed (-9) while saving step 6;
+    3. the newest complete checkpoint then damaged (every array file truncated);
+    4. the same command again, to the end.
 
-    Returns (workdir, complete steps and partial folders at the kill, CompletedProcess of the resume).
+    One chain, because each start is a whole training process (most of this file's time), and each later
+    start must handle what the earlier ones left: the SIGTERM save, the partial save, the damaged step.
+
+    Returns a dict: workdir, `sigterm` (returncode, stderr and the step it stopped at), the kill (stderr of
+    the killed run, complete steps and partial folders at the kill) and `final` (CompletedProcess).
     """
     uninterrupted_run(tmp_path_factory, small_data_flags)  # fills the compilation cache first
-    root = tmp_path_factory.mktemp("killed_mid_save")
+    root = tmp_path_factory.mktemp("interrupted")
     workdir = root / "run"
+    command = [f"--config={TINY}", *small_data_flags, f"--workdir={workdir}"]
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastscnn_jax.main", *command],
+        env=compile_cache_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 400
+    while not (workdir / "checkpoints" / "2").is_dir():
+        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    stopped = int(stderr.split("SIGTERM at step ")[1].split(":")[0]) if "SIGTERM at step " in stderr else None
+    sigterm = {"returncode": process.returncode, "stderr": stderr, "stopped": stopped}
+    assert stopped is not None and stopped < 6, f"not stopped before step 6 by SIGTERM:\n{stderr[-3000:]}"
+
     (root / "driver.py").write_text(DRIVER)
     marker = root / "save_in_progress"
     partial_item = workdir / "checkpoints" / f"6{checkpointing.PARTIAL_MARK}" / "state"
-    env = {
-        **compile_cache_env(),
-        "HOLD_SAVE_OF": str(partial_item),
-        "HOLD_MARKER": str(marker),
-    }
+    env = {**compile_cache_env(), "HOLD_SAVE_OF": str(partial_item), "HOLD_MARKER": str(marker)}
     with open(root / "killed.log", "w") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                str(root / "driver.py"),
-                f"--config={TINY}",
-                *small_data_flags,
-                f"--workdir={workdir}",
-            ],
+            [sys.executable, str(root / "driver.py"), *command],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -135,32 +150,53 @@ def killed_mid_save(tmp_path_factory, small_data_flags):
         )
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
-    _truncate_state(workdir / "checkpoints" / "4")
-    return workdir, steps_at_kill, partial_at_kill, _run_main(workdir, small_data_flags)
+    _truncate_state(workdir / "checkpoints" / str(steps_at_kill[-1]))
+    return {
+        "workdir": workdir,
+        "sigterm": sigterm,
+        "killed_stderr": (root / "killed.log").read_text(),
+        "steps_at_kill": steps_at_kill,
+        "partial_at_kill": partial_at_kill,
+        "final": _run_main(workdir, small_data_flags),
+    }
+
+
+def test_sigterm_saves_the_step_it_is_at_and_exits_0(interrupted):
+    """SIGTERM after the first checkpoint: the run saves a checkpoint of the step it was at (any step, not
+    only the periodic ones) and exits 0; the same command again resumes from it."""
+    sigterm, stopped = interrupted["sigterm"], interrupted["sigterm"]["stopped"]
+    assert sigterm["returncode"] == 0, sigterm["stderr"][-3000:]
+    assert stopped >= 2  # after step 2's checkpoint
+    killed_stderr = interrupted["killed_stderr"]
+    assert f"Resuming from step {stopped}" in killed_stderr, killed_stderr[-3000:]
+    # Kept (2 at a time): the two newest of the periodic steps 2 and 4 and the SIGTERM's step.
+    assert interrupted["steps_at_kill"] == sorted({2, 4, stopped})[-2:]
 
 
 def test_kill_during_save_then_a_damaged_step_resume_from_the_step_before(
-    killed_mid_save, tmp_path_factory, small_data_flags
+    interrupted, tmp_path_factory, small_data_flags
 ):
-    """kill -9 while step 6 is being written, then step 4 damaged: the rerun ignores the partial save, names
-    step 4 and why it does not restore, moves it aside, resumes from step 2 and ends with the parameters (and
-    the best checkpoint) of the uninterrupted run."""
-    workdir, steps_at_kill, partial_at_kill, result = killed_mid_save
-    assert steps_at_kill == [2, 4]
-    assert partial_at_kill == [f"6{checkpointing.PARTIAL_MARK}"]
+    """kill -9 while step 6 is being written, then the newest complete step damaged: the rerun ignores the
+    partial save, names the damaged step and why it does not restore, moves it aside, resumes from the step
+    before and ends with the parameters (and the best checkpoint) of the uninterrupted run. (The step before
+    is the SIGTERM's own save when that was step 3.)"""
+    workdir, result = interrupted["workdir"], interrupted["final"]
+    before, damaged = interrupted["steps_at_kill"]
+    assert interrupted["partial_at_kill"] == [f"6{checkpointing.PARTIAL_MARK}"]
     assert result.returncode == 0, result.stderr[-4000:]
     checkpoints = workdir / "checkpoints"
-    assert f"Checkpoint step 4 in {checkpoints} does not restore; skipping it." in result.stderr
-    moved = workdir / checkpointing.CORRUPT_DIR / "4"
+    assert f"Checkpoint step {damaged} in {checkpoints} does not restore; skipping it." in result.stderr
+    moved = workdir / checkpointing.CORRUPT_DIR / str(damaged)
     assert (
-        f"Moved checkpoint step 4, which does not restore, to {moved}; resuming from step 2." in result.stderr
+        f"Moved checkpoint step {damaged}, which does not restore, to {moved}; resuming from step {before}."
+        in result.stderr
     ), result.stderr[-4000:]
     partial = checkpoints / f"6{checkpointing.PARTIAL_MARK}"
     assert (
         f"Ignoring partial checkpoint {partial} (a save that never completed: the process was killed while "
-        "saving); resuming from step 2, the newest complete checkpoint." in result.stderr
+        f"saving); resuming from step {before}, the newest complete checkpoint." in result.stderr
     ), result.stderr[-4000:]
-    assert "Resuming from step 2" in result.stderr
+    assert f"Resuming from step {before}" in result.stderr
     assert not list(workdir.rglob(f"*{checkpointing.PARTIAL_MARK}*"))
     assert (moved / "state").is_dir() and _steps(workdir) == [8, FINAL]
     reference = uninterrupted_run(tmp_path_factory, small_data_flags)[0]
@@ -168,12 +204,12 @@ def test_kill_during_save_then_a_damaged_step_resume_from_the_step_before(
     _assert_same_variables(workdir / "best" / str(FINAL), reference / "best" / str(FINAL))
 
 
-def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save, tmp_path, small_data_flags):
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(interrupted, tmp_path, small_data_flags):
     """Every checkpoint damaged (step 10: the state files of step 8, which orbax reads without error, caught
     by the SHA-256 saved with step 10; step 8: a truncated file): the command fails naming each step and why,
     and changes nothing."""
     workdir = tmp_path / "run"
-    shutil.copytree(killed_mid_save[0], workdir)
+    shutil.copytree(interrupted["workdir"], workdir)
     # Not a flipped byte as in the in-process test below: this run's arrays are zstd-compressed, and whether
     # a flipped byte gives wrong values (caught by the SHA-256) or a decoding error depends on the trained
     # values, which differ between CPUs (a CI run on another machine reported another reason for step 10).
@@ -189,9 +225,10 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(killed_mid_save
     assert "(step 10: ValueError: the state read back has SHA-256 " in result.stderr
     assert "; step 8: ValueError: OUT_OF_RANGE: " in result.stderr
     assert "did not start from scratch" in result.stderr
-    # Nothing moved: both steps in place, and only the fixture's step 4 set aside.
+    # Nothing moved: both steps in place, and only the fixture's damaged step set aside.
     assert _steps(workdir) == [8, FINAL]
-    assert [p.name for p in (workdir / checkpointing.CORRUPT_DIR).iterdir()] == ["4"]
+    damaged = str(interrupted["steps_at_kill"][-1])
+    assert [p.name for p in (workdir / checkpointing.CORRUPT_DIR).iterdir()] == [damaged]
 
 
 # In-process checks of `Checkpoints` on a small state, one per kind of damage.

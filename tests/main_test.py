@@ -1,4 +1,5 @@
-"""End-to-end tests of the command-line entry points: train, SIGTERM and resume, evaluate.
+"""End-to-end tests of the command-line entry points: train and evaluate (SIGTERM, kill -9 and resume are
+tests/faults_test.py's, against the uninterrupted run made here).
 
 The runs train configs/tiny.py on the small synthetic CamVid of tests/conftest.py (`small_camvid`).
 """
@@ -7,17 +8,14 @@ import fcntl
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
 from configs import tiny
-from fastscnn_jax import camvid, checkpointing, evaluate
+from fastscnn_jax import camvid, evaluate
 from tests.conftest import non_void_pixels, shared_temp_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,37 +109,6 @@ def test_main_writes_default_workdir_checkpoints_events_and_scores(trained):
     assert set(scores["per_class_iou"]) == set(camvid.CLASS_NAMES)
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1
     assert "parameter" in result.stderr.lower() or "Total" in result.stderr  # parameter overview logged
-
-
-def test_sigterm_and_resume_gives_the_uninterrupted_parameters(trained, tmp_path, small_data_flags):
-    """SIGTERM (as on preemption) after the first checkpoint: the run saves a checkpoint of the step it was at
-    and exits 0; the same command again ends with bit-equal final parameters. (kill -9, with no save at the
-    signal, is tests/faults_test.py's: killed in the middle of a save, resumed, compared the same way.)"""
-    workdir = tmp_path / "run"
-    command = _command("main", f"--workdir={workdir}", data_flags=small_data_flags)
-    process = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "2").is_dir():
-        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    final = str(tiny.get_config().num_train_steps)
-    assert not (workdir / "checkpoints" / final).exists(), "the run finished before it was interrupted"
-    assert process.returncode == 0, stderr[-3000:]
-    stopped = int(stderr.split("SIGTERM at step ")[1].split(":")[0])
-    assert (workdir / "checkpoints" / str(stopped) / "state").is_dir()
-
-    # The resumed run reuses the reference run's cached executables.
-    result = subprocess.run(command, env=compile_cache_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Resuming from step" in result.stderr
-    resumed, _ = checkpointing.load_variables(str(workdir / "checkpoints" / final))
-    reference, _ = checkpointing.load_variables(str(trained[0] / "checkpoints" / final))
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_evaluate_cli_reproduces_the_training_evaluation(trained, tmp_path, small_camvid, small_data_flags):
