@@ -56,31 +56,31 @@ def pytest_configure(config):
         sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
 
 
-# The test files that take longest, longest first: about 205, 175, 155, 140, 125, 115, 115 and 95 s of one
-# worker's time, then 80-30 s, in one suite run on a 2-core VM. scripts/test.sh hands whole files to the two
-# pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder); starting the longest
-# first keeps one worker from finishing minutes before the other. Files not named here follow, in pytest's
-# order. main_test.py and faults_test.py share one training run (main_test.uninterrupted_run): apart in the
-# list, they do not wait on each other.
+# The test files that take longest, longest first (about 200 s of one worker's time each for the first two,
+# 150-95 s for the next five, 75-25 s for the rest, in one suite run on a 2-core VM). scripts/test.sh hands
+# whole files to the two pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder);
+# starting the longest first keeps one worker from finishing minutes before the other. Files not named here
+# follow, in pytest's order. main_test.py waits for the training run it shares with faults_test.py
+# (main_test.uninterrupted_run) if that one is still running it: far apart in the list, it does not.
 LONGEST_FIRST = (
-    "multihost_test.py",
     "faults_test.py",
+    "multihost_test.py",
     "folder_test.py",
     "cpu_test.py",
     "steps_test.py",
-    "main_test.py",
     "no_tensorflow_test.py",
     "train_test.py",
-    "notebook_test.py",
     "models_test.py",
-    "benchmark_test.py",
     "predict_test.py",
     "export_test.py",
+    "benchmark_test.py",
     "gpu_check_test.py",
     "cityscapes_test.py",
+    "notebook_test.py",
+    "main_test.py",
+    "prepare_test.py",
     "release_test.py",
     "convert_torch_test.py",
-    "prepare_test.py",
 )
 
 
@@ -200,9 +200,10 @@ def real_camvid_builder(real_camvid_dir, real_tfds_dir):
     return camvid.get_builder(str(real_camvid_dir), data_dir=str(real_tfds_dir))
 
 
-# The small CamVid: what the whole-process training tests (resume, faults, multi-host) train and evaluate on.
-# They test the training loop, not the data, and on the real CamVid each process spent about a quarter of its
-# time decoding 367 training images and evaluating 101 val images of 360x480. Its frames keep what those
+# The small CamVid: what the tests of whole training runs (resume, faults, multi-host, the notebook) and of
+# evaluating other networks train and evaluate on. They test the code, not the data, and on the real CamVid
+# each run spent about a quarter of its time decoding 367 training images and evaluating 101 val images of
+# 360x480. Its frames keep what those
 # tests rely on: sequences to hold out or score alone, an odd number of val images (an uneven share per
 # process, and a last batch to pad) and a size off the network's 32-pixel grid (resized inside, as 360x480
 # is).
