@@ -79,10 +79,10 @@ def _swap_state(step_dir, other_step_dir):
     shutil.copytree(other_step_dir / "state", step_dir / "state")
 
 
-def _run_main(workdir, small_data_flags):
+def _run_main(workdir, data_flags):
     """The normal training command on `workdir`, to completion."""
     return subprocess.run(
-        _command("main", f"--workdir={workdir}", data_flags=small_data_flags),
+        _command("main", f"--workdir={workdir}", data_flags=data_flags),
         env=compile_cache_env(),
         capture_output=True,
         text=True,

@@ -51,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _main(workdir, small_data_flags, *extra) -> list[str]:
+def _main(workdir, data_flags, *extra) -> list[str]:
     """argv of a tiny training run."""
     return [
         sys.executable,
@@ -59,7 +59,7 @@ def _main(workdir, small_data_flags, *extra) -> list[str]:
         "fastscnn_jax.main",
         f"--config={TINY}",
         f"--workdir={workdir}",
-        *small_data_flags,
+        *data_flags,
         *OVERRIDES,
         *extra,
     ]
@@ -76,7 +76,7 @@ def _losses(workdir) -> dict[int, float]:
     return losses
 
 
-def _start_two(workdir, small_data_flags, logdir, *extra) -> tuple[list, list]:
+def _start_two(workdir, data_flags, logdir, *extra) -> tuple[list, list]:
     """Starts a tiny training run as two processes (one CPU device each) on a free loopback port.
 
     Returns the processes and, for each, the (stdout, stderr) files it writes: files, not pipes, because a
@@ -86,7 +86,7 @@ def _start_two(workdir, small_data_flags, logdir, *extra) -> tuple[list, list]:
     processes, logs = [], []
     for i in range(2):
         out, err = logdir / f"process_{i}.out", logdir / f"process_{i}.err"
-        argv = _main(workdir, small_data_flags, f"--coordinator_address=127.0.0.1:{port}")
+        argv = _main(workdir, data_flags, f"--coordinator_address=127.0.0.1:{port}")
         argv += ["--num_processes=2", f"--process_id={i}", *extra]
         with open(out, "w") as stdout, open(err, "w") as stderr:
             processes.append(subprocess.Popen(argv, env=_env(1), stdout=stdout, stderr=stderr))
