@@ -203,10 +203,9 @@ def real_camvid_builder(real_camvid_dir, real_tfds_dir):
 # The small CamVid: what the tests of whole training runs (resume, faults, multi-host, the notebook) and of
 # evaluating other networks train and evaluate on. They test the code, not the data, and on the real CamVid
 # each run spent about a quarter of its time decoding 367 training images and evaluating 101 val images of
-# 360x480. Its frames keep what those
-# tests rely on: sequences to hold out or score alone, an odd number of val images (an uneven share per
-# process, and a last batch to pad) and a size off the network's 32-pixel grid (resized inside, as 360x480
-# is).
+# 360x480. Its frames keep what those tests rely on: sequences to hold out or score alone, an odd number of
+# val images (an uneven share per process, and a last batch to pad) and a size off the network's 32-pixel
+# grid (resized inside, as 360x480 is).
 SMALL_CAMVID_SIZE = (120, 160)
 SMALL_CAMVID_SEQUENCES = ("0001TP", "0006R0", "0016E5")
 
